@@ -1,0 +1,83 @@
+"""Marked copies between scripts stay identical to their source (DESIGN.md, The house).
+
+A block in one script marked
+
+    # Copied from gpt.py: NAME
+    # Copied from gpt.py: NAME with A->B, C->D
+
+directly above a top-level `def` or `class` must equal the top-level NAME of that script after the
+replacements A->B, C->D (plain text, applied in order). This is Hugging Face's check_copies, for files.
+"""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = [s for s in ["gpt.py", "transformer.py", "bert.py", "elmo.py", "ulmfit.py", "taglm.py"]
+           if (ROOT / s).exists()]
+MARK = re.compile(r"^# Copied from (\w+\.py): (\w+)(?: with (.+))?$")
+
+
+def top_level(path: Path) -> dict[str, str]:
+    """Source text of each top-level def/class of a file, decorators included."""
+    text = path.read_text()
+    lines = text.splitlines()
+    blocks = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            blocks[node.name] = "\n".join(lines[first - 1:node.end_lineno])
+    return blocks
+
+
+def check_copies(path: Path, root: Path = ROOT) -> list[str]:
+    """Problems with the marked copies in path: a missing source, or a copy that drifted from it."""
+    problems = []
+    lines = path.read_text().splitlines()
+    mine = None
+    for n, line in enumerate(lines, 1):
+        m = MARK.match(line)
+        if not m:
+            continue
+        source_file, name, replacements = m.groups()
+        mine = mine if mine is not None else top_level(path)
+        source = root / source_file
+        if not source.is_file() or name not in top_level(source):
+            problems.append(f"{path.name}:{n}: no top-level {name} in {source_file}")
+            continue
+        expected = top_level(source)[name]
+        for pair in (replacements or "").split(","):
+            if pair.strip():
+                old, new = (s.strip() for s in pair.split("->"))
+                expected = expected.replace(old, new)
+        following = next((l for l in lines[n:] if l.strip() and not l.startswith("#")), "")
+        got_name = re.match(r"(?:class|def)\s+(\w+)|@", following)
+        copy_name = got_name.group(1) if got_name and got_name.group(1) else None
+        if copy_name is None:  # a decorator: the def/class comes after it
+            copy_name = next((re.match(r"(?:class|def)\s+(\w+)", l).group(1) for l in lines[n:]
+                              if re.match(r"(?:class|def)\s+\w+", l)), None)
+        if copy_name not in mine or mine[copy_name] != expected:
+            problems.append(f"{path.name}:{n}: copy of {source_file}:{name} differs from its source")
+    return problems
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_marked_copies_match_their_source(script):
+    assert check_copies(ROOT / script) == []
+
+
+def test_checker_catches_a_drifted_copy(tmp_path):
+    (tmp_path / "a.py").write_text("def helper(x):\n    return x + 1\n\n\nclass Thing:\n    size = 1\n")
+    good = "# Copied from a.py: helper\ndef helper(x):\n    return x + 1\n"
+    renamed = "# Copied from a.py: Thing with Thing->Item, 1->2\nclass Item:\n    size = 2\n"
+    drifted = "# Copied from a.py: helper\ndef helper(x):\n    return x + 2\n"
+    missing = "# Copied from a.py: nothing\ndef nothing():\n    pass\n"
+    for name, text in [("good.py", good), ("renamed.py", renamed), ("drifted.py", drifted),
+                       ("missing.py", missing)]:
+        (tmp_path / name).write_text(text)
+    assert check_copies(tmp_path / "good.py", tmp_path) == []
+    assert check_copies(tmp_path / "renamed.py", tmp_path) == []
+    assert check_copies(tmp_path / "drifted.py", tmp_path) == ["drifted.py:1: copy of a.py:helper differs from its source"]
+    assert check_copies(tmp_path / "missing.py", tmp_path) == ["missing.py:1: no top-level nothing in a.py"]
