@@ -208,8 +208,9 @@ class CharTokenizer:
 
 
 # GPT-2's pre-tokenizer with the standard library's `re`: contractions, letters, digits, other symbols,
-# whitespace; a space sticks to the word after it. BPE merges never cross these pieces.
-PRETOKENIZE = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
+# whitespace; a space sticks to the word after it. BPE merges never cross these pieces. Same pieces as
+# GPT-2's regex on ASCII; every character falls in exactly one class, so nothing is ever dropped.
+PRETOKENIZE = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 
 
 class ByteBPE:
@@ -697,8 +698,8 @@ def read_tsv(path: Path, header: bool) -> list[tuple[str, str]]:
 
 
 def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, str]]:
-    """A small generated sentiment task: short reviews whose label is the polarity of their sentiment
-    words, with a negation flipping it. Deterministic in seed."""
+    """A small generated sentiment task: short reviews whose label (1 positive, 0 negative) is the
+    polarity of their one sentiment word among neutral filler. Deterministic in seed."""
     rng = random.Random(seed)
     good = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "sharp"]
     bad = ["bad", "dull", "awful", "boring", "clumsy", "tedious", "weak", "messy"]
@@ -706,9 +707,7 @@ def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, str]]:
     rows = []
     for _ in range(n):
         label = rng.randrange(2)
-        negate = rng.random() < 0.3
-        word = rng.choice(good if label ^ negate else bad)
-        rows.append((str(label), f"the {rng.choice(things)} was {'not ' if negate else ''}{word} "
+        rows.append((str(label), f"the {rng.choice(things)} was {rng.choice(good if label else bad)} "
                                  f"and the {rng.choice(things)} {rng.choice(['was', 'felt', 'seemed'])} "
                                  f"{rng.choice(['long', 'short', 'new', 'old'])}"))
     return rows
@@ -907,7 +906,7 @@ class MetricsLog:
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul FLOP/s of this device in this dtype: the denominator of MFU."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: resume stays exact
     for _ in range(2):
         a @ a
     reps, t0 = 5, time.perf_counter()
@@ -957,8 +956,8 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
                                                     else None)
     peak = measure_peak_flops(device, dtype) if rank == 0 else 1.0
 
-    def checkpoint():
-        data = [sampler.state_dict()]
+    def checkpoint(data_state=None, rng=None):
+        data = [data_state or sampler.state_dict()]
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, data[0])
@@ -967,7 +966,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
             save_checkpoint(out / "ckpt.pt", {
                 "script": "gpt.py", "stage": stage, "model": raw.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "data": data,
-                "rng": rng_state(), "config": dataclasses.asdict(cfg), "best": best, **extra})
+                "rng": rng or rng_state(), "config": dataclasses.asdict(cfg), "best": best, **extra})
 
     def run_eval():
         nonlocal best
@@ -982,11 +981,13 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         return metrics
 
     t0 = t_last = time.time()
+    at_step_start = (None, None)
     start_step, metrics = step, {}
     stop = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     model.train()
     try:
         while step < stop:
+            at_step_start = sampler.state_dict(), rng_state()  # what Ctrl-C saves mid-step
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next(sampler).items()}
                 sync = micro == cfg.grad_accum - 1
@@ -1004,6 +1005,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
+            at_step_start = (None, None)  # the step is complete: Ctrl-C from here saves the current state
             if step % cfg.log_interval == 0 or step == stop:
                 now = time.time()
                 n = (step - start_step - 1) % cfg.log_interval + 1
@@ -1016,7 +1018,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
                 metrics = run_eval() if rank == 0 else {}
                 checkpoint()
     except KeyboardInterrupt:
-        checkpoint()
+        checkpoint(*at_step_start)
         log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
         return {"step": step, "interrupted": True}
     finally:
