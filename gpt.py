@@ -125,10 +125,9 @@ class Config:
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(n_layer=4, n_head=4, d_model=128, block_size=128, dropout=0.1, batch_size=32,
-                    lr=2e-3, min_lr=2e-4, warmup_steps=100, total_steps=1500, weight_decay=0.1,
-                    beta2=0.99, bpe_vocab_size=2048, eval_interval=250, log_interval=50,
-                    finetune_lr=1e-4, finetune_epochs=3),
+    "small": Config(n_layer=4, n_head=4, d_model=128, block_size=64, dropout=0.0, batch_size=24, lr=1e-3,
+                    min_lr=1e-4, warmup_steps=100, total_steps=3000, weight_decay=0.1, beta2=0.99,
+                    bpe_vocab_size=2048, eval_interval=500, log_interval=100, finetune_lr=1e-4),
     "tiny": Config(n_layer=2, n_head=2, d_model=32, block_size=32, dropout=0.1, batch_size=8, lr=3e-3,
                    warmup_steps=5, total_steps=40, bpe_vocab_size=300, eval_interval=20, eval_batches=4,
                    log_interval=10, num_samples=1, max_new_tokens=20, finetune_lr=1e-3,
@@ -331,8 +330,10 @@ DATASETS = {  # name -> {file: (pinned URL, sha256)}; ../shared/data/URLS.md lis
         ("valid", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
         ("test", "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"))},
     "sst2": {f"{s}.tsv": (
-        "https://raw.githubusercontent.com/nyu-mll/GLUE-baselines/b6e7b8d4e1f3ba2f10b1d1de6be8ec1c4bb5bf4b/"
-        f"glue_data/SST-2/{s}.tsv", None) for s in ("train", "dev")},
+        "https://raw.githubusercontent.com/eyalbd2/Reproducing-AutoPrompt/6288fb5bec9c572f2492875ae0111df5b6daed11/"
+        f"glue_data/SST-2/{f}.tsv", h) for s, f, h in (  # train_full.tsv: that repo's train.tsv is a subset
+        ("train", "train_full", "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1"),
+        ("dev", "dev", "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"))},
 }
 
 
@@ -1024,9 +1025,8 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    if not metrics and rank == 0:  # resumed at the end of the schedule: evaluate once more
-        metrics = run_eval()
-        checkpoint()
+    if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
+        metrics = run_eval() if rank == 0 else {}
     summary = {"step": step, **{k: v for k, v in metrics.items()}}
     log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary
@@ -1058,8 +1058,7 @@ def pretrain(cfg: Config) -> dict:
     if isinstance(tok, CharTokenizer) and tok.unseen:
         log0(f"validation text has {sum(tok.unseen.values())} characters never seen in training "
              f"({''.join(sorted(tok.unseen))!r}); they map to the unknown id 0")
-    _, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     sampler = BlockSampler(train_ids, cfg.batch_size, cfg.block_size, cfg.seed, rank, world)
     n_params = sum(p.numel() for p in model.parameters())
     log0(f"pretraining on {name}: {len(train_ids):,} train / {len(val_ids):,} val tokens, vocab {len(tok)}, "
@@ -1097,8 +1096,9 @@ def finetune(cfg: Config) -> dict:
         gpt, tok, cfg = load_pretrained(cfg)
         label_list = None
     if not isinstance(tok, ByteBPE) or "<|extract|>" not in tok.specials:
-        raise UserError("fine-tuning needs a checkpoint pretrained with the byte-level BPE tokenizer "
-                        "(its special tokens); this one is character-level: pretrain with --tokenizer bpe")
+        kind = "character-level" if isinstance(tok, CharTokenizer) else "without GPT's special tokens"
+        raise UserError(f"fine-tuning needs a byte-level BPE checkpoint from gpt.py pretrain (it holds the "
+                        f"start/extract tokens); this one is {kind}: pretrain with --tokenizer bpe")
     name, train_rows, dev_rows = load_classification(cfg.finetune_data, cfg.seed)
     label_list = label_list or sorted({label for label, _ in train_rows})
     labels = {label: i for i, label in enumerate(label_list)}

@@ -476,3 +476,50 @@ def test_main_job_runs_as_a_script(tmp_path):
     help_text = subprocess.run([sys.executable, str(ROOT / "gpt.py"), "--help"], capture_output=True,
                                text=True).stdout
     assert "pretrain" in help_text and "--finetune_lr" in help_text and "6.25e-05" in help_text
+
+
+def test_bfloat16_autocast_trains(tmp_path):
+    out = gpt.main(["pretrain", "--preset", "tiny", "--data", "builtin", "--dtype", "bfloat16",
+                    "--out_dir", str(tmp_path), "--total_steps", "20"])
+    assert math.isfinite(out["loss"]) and out["loss"] < math.log(300)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())  # master weights stay fp32
+
+
+@pytest.mark.slow
+def test_compiled_checkpoint_has_plain_names(tmp_path):
+    gpt.main(["pretrain", "--preset", "tiny", "--data", "builtin", "--dtype", "float32", "--compile",
+              "--out_dir", str(tmp_path), "--total_steps", "4", "--eval_interval", "4"])
+    names = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"].keys()
+    assert not any("_orig_mod" in k for k in names) and "wte.weight" in names
+
+
+def test_download_checks_sha256_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLP_LINEAGE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "data.txt"
+    src.write_text("some text\n")
+    import hashlib
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert gpt.download("x", {"data.txt": (src.as_uri(), good)}) == tmp_path / "cache" / "x"
+    src.write_text("changed")  # cached: not fetched again
+    assert (gpt.download("x", {"data.txt": (src.as_uri(), good)}) / "data.txt").read_text() == "some text\n"
+    with pytest.raises(gpt.UserError, match="sha256"):
+        gpt.download("y", {"data.txt": (src.as_uri(), good)})
+    assert not (tmp_path / "cache" / "y" / "data.txt").exists()
+    assert gpt.download("z", {"data.txt": ((tmp_path / "absent").as_uri(), good)}) is None  # offline
+
+
+def test_named_datasets_from_their_pinned_bytes(tmp_path, monkeypatch, shared_data):
+    """Serve ../shared/data through file:// in place of the pinned URLs: the recorded sha256s must match
+    the real files, and the named loaders must split them as documented."""
+    monkeypatch.setenv("NLP_LINEAGE_CACHE", str(tmp_path))
+    local = {"shakespeare": shared_data / "tinyshakespeare", "wikitext2": shared_data / "wikitext-2",
+             "sst2": shared_data / "sst2"}
+    monkeypatch.setattr(gpt, "DATASETS", {name: {f: ((local[name] / f).as_uri(), sha) for f, (_, sha) in files.items()}
+                                          for name, files in gpt.DATASETS.items()})
+    name, train, val = gpt.load_lm_text("shakespeare")
+    assert name == "shakespeare" and len(train) == 1003854 and len(val) == 111540  # nanoGPT's split
+    name, train, val = gpt.load_lm_text("wikitext2")
+    assert val.startswith(" \n = Homarus gammarus = \n")
+    name, train_rows, dev_rows = gpt.load_classification("sst2", 0)
+    assert len(train_rows) == 67349 and len(dev_rows) == 872
