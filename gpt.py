@@ -605,20 +605,18 @@ def pretrain_loss(model, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0,
              use_cache=True, generator=None) -> torch.Tensor:
-    """Extend idx (B, T) by max_new_tokens. temperature 0 is greedy. With the KV cache each step feeds one
-    token; when the context is full the window slides and the cache is rebuilt, so the tokens equal a full
-    recompute over the last block_size tokens."""
+    """Extend idx (B, T) by max_new_tokens; temperature 0 is greedy. With the KV cache each step feeds one
+    token. Once the context is full the window slides, and learned absolute positions then need a fresh
+    pass over the last block_size tokens, exactly what the uncached path computes."""
     was_training = model.training
     model.eval()
     block, cache = model.cfg.block_size, None
     for _ in range(max_new_tokens):
-        if not use_cache:
-            logits = model(idx[:, -block:])
-        elif cache is None or idx.size(1) > block:
-            cache = model.new_cache()
-            logits = model(idx[:, -block:][:, -(block - 1):] if idx.size(1) > block else idx, cache)
-        else:
+        if cache is not None and cache[0][0].size(2) < block:
             logits = model(idx[:, -1:], cache)
+        else:
+            cache = model.new_cache() if use_cache else None
+            logits = model(idx[:, -block:], cache)
         logits = logits[:, -1, :].float()
         if temperature == 0:
             nxt = logits.argmax(-1, keepdim=True)
@@ -626,8 +624,6 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature=1.0
             nxt = torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1,
                                     generator=generator)
         idx = torch.cat([idx, nxt], dim=1)
-        if cache is not None and cache[0][0].size(2) >= block:
-            cache = None  # the window is full: slide it on the next step
     model.train(was_training)
     return idx
 
