@@ -1,6 +1,7 @@
 """Marked copies between scripts stay identical to their source (DESIGN.md, The house).
 
-A block in one script marked
+`python tests/test_copies.py --fix` rewrites every drifted copy from its source (as Hugging Face's
+`make fix-copies`). A block in one script marked
 
     # Copied from gpt.py: NAME
     # Copied from gpt.py: NAME with A->B, C->D
@@ -68,7 +69,7 @@ def test_marked_copies_match_their_source(script):
     assert check_copies(ROOT / script) == []
 
 
-def test_checker_catches_a_drifted_copy(tmp_path):
+def test_checker_catches_a_drifted_copy_and_fixes_it(tmp_path):
     (tmp_path / "a.py").write_text("def helper(x):\n    return x + 1\n\n\nclass Thing:\n    size = 1\n")
     good = "# Copied from a.py: helper\ndef helper(x):\n    return x + 1\n"
     renamed = "# Copied from a.py: Thing with Thing->Item, 1->2\nclass Item:\n    size = 2\n"
@@ -81,3 +82,40 @@ def test_checker_catches_a_drifted_copy(tmp_path):
     assert check_copies(tmp_path / "renamed.py", tmp_path) == []
     assert check_copies(tmp_path / "drifted.py", tmp_path) == ["drifted.py:1: copy of a.py:helper differs from its source"]
     assert check_copies(tmp_path / "missing.py", tmp_path) == ["missing.py:1: no top-level nothing in a.py"]
+    assert fix_copies(tmp_path / "drifted.py", tmp_path) == 1
+    assert (tmp_path / "drifted.py").read_text() == good
+    assert fix_copies(tmp_path / "good.py", tmp_path) == 0
+
+
+def fix_copies(path: Path, root: Path = ROOT) -> int:
+    """Rewrite the marked copies in path from their sources; returns how many changed."""
+    changed = 0
+    while True:
+        problems = [p for p in check_copies(path, root) if "differs" in p]
+        if not problems:
+            return changed
+        n = int(problems[0].split(":")[1])
+        lines = path.read_text().splitlines()
+        source_file, name, replacements = MARK.match(lines[n - 1]).groups()
+        expected = top_level(root / source_file)[name]
+        for pair in (replacements or "").split(","):
+            if pair.strip():
+                old, new = (s.strip() for s in pair.split("->"))
+                expected = expected.replace(old, new)
+        tree = ast.parse(path.read_text())
+        node = next(x for x in tree.body if isinstance(x, (ast.FunctionDef, ast.ClassDef))
+                    and min([x.lineno] + [d.lineno for d in x.decorator_list]) > n)
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        lines[first - 1:node.end_lineno] = expected.splitlines()
+        path.write_text("\n".join(lines) + "\n")
+        changed += 1
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["--fix"]:
+        for script in SCRIPTS:
+            print(script, fix_copies(ROOT / script), "copies rewritten")
+    else:
+        for script in SCRIPTS:
+            print("\n".join(check_copies(ROOT / script)) or f"{script}: copies match")
