@@ -1036,10 +1036,15 @@ def pretrain(cfg: Config) -> dict:
     name, train_text, val_text = load_lm_text(cfg.data)
     model, tok = None, None
     if cfg.resume:
-        tok = tokenizer_from_state(load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))["tokenizer"])
+        ckpt = load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))
+        tok = tokenizer_from_state(ckpt["tokenizer"])
+        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or ckpt["config"]["vocab_size"])
     elif cfg.init_from:
         model, tok, cfg = load_pretrained(cfg)
-    if tok is None:
+        if tok is None:
+            raise UserError(f"{cfg.init_from} has no tokenizer gpt.py can read (GPT-2's vocab.json + "
+                            "merges.txt); continue pretraining from a gpt2 folder or a gpt.py checkpoint")
+    else:
         tok = build_tokenizer(cfg, name, train_text)
     if not cfg.vocab_size:
         cfg = dataclasses.replace(cfg, vocab_size=len(tok))
