@@ -3,10 +3,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 settings.register_profile("default", deadline=None, max_examples=20)
 settings.load_profile("default")
+# Tiny models run faster on one thread than on two fighting over a shared 2-core machine.
+torch.set_num_threads(1)
 os.environ.setdefault("NLP_LINEAGE_CACHE", str(Path(__file__).resolve().parent / ".no-cache"))
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
