@@ -904,13 +904,14 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul FLOP/s of this device in this dtype: the denominator of MFU."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: resume stays exact
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ a
+    sync()
     reps, t0 = 5, time.perf_counter()
     for _ in range(reps):
         a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
