@@ -1,0 +1,111 @@
+"""Benchmarks for taglm.py (results in bench/RESULTS_taglm.md).
+
+  python bench/bench_taglm.py crf                    # CRF loss + Viterbi vs pytorch-crf, same batch, ratio
+  python bench/bench_taglm.py quality --lm_steps N --tag_steps M [--shared ../shared/data]
+      CoNLL-2003 test F1 of the tagger with the LM embeddings and of the same tagger without them (same
+      seed, same steps). The LMs are pretrained for N steps on WikiText-2 train plus the CoNLL-2003 training
+      sentences (never dev or test). Times are wall and CPU seconds of this process.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import taglm  # noqa: E402
+
+
+def bench_crf(repeats: int = 7, B: int = 32, T: int = 40, N: int = 17) -> None:
+    """Loss (forward algorithm + path score) plus Viterbi decoding, eager fp32, both on the same batch of
+    variable lengths (20..40), warm-up first, then the median of interleaved repeats."""
+    from torchcrf import CRF as TorchCRF
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = taglm.CRF(N), TorchCRF(N, batch_first=True)
+    with torch.no_grad():
+        theirs.transitions.copy_(ours.transitions)
+        theirs.start_transitions.copy_(ours.start)
+        theirs.end_transitions.copy_(ours.end)
+    emissions = torch.randn(B, T, N, generator=g)
+    tags = torch.randint(N, (B, T), generator=g)
+    mask = torch.arange(T)[None, :] < torch.randint(20, T + 1, (B,), generator=g)[:, None]
+    mask[0] = True
+
+    def run_ours():
+        loss = -ours(emissions, tags, mask).sum()
+        loss.backward()
+        return ours.viterbi(emissions, mask)[0]
+
+    def run_theirs():
+        loss = -theirs(emissions, tags, mask, reduction="sum")
+        loss.backward()
+        return theirs.decode(emissions, mask)
+
+    times = {"ours": [], "pytorch-crf": []}
+    for _ in range(2):
+        run_ours(), run_theirs()
+    for _ in range(repeats):
+        for name, fn in (("ours", run_ours), ("pytorch-crf", run_theirs)):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            times[name].append((time.perf_counter() - t0) / 5)
+    path = run_ours()
+    agree = [row[:n] for row, n in zip(path.tolist(), mask.sum(1).tolist())] == run_theirs()
+    m_ours, m_theirs = statistics.median(times["ours"]), statistics.median(times["pytorch-crf"])
+    print(f"CRF loss+backward+Viterbi, batch {B}, length <= {T}, {N} tags, fp32 eager, {torch.get_num_threads()} "
+          f"thread(s): ours {1e3 * m_ours:.2f} ms, pytorch-crf {1e3 * m_theirs:.2f} ms, speed-up "
+          f"{m_theirs / m_ours:.2f}x (median of {repeats}); same Viterbi paths: {agree}")
+
+
+def bench_quality(shared: Path, lm_steps: int, tag_steps: int, preset: str, out: Path) -> None:
+    wt2, conll = shared / "wikitext-2", shared / "conll2003"
+    corpus = out / "lm-text"
+    corpus.mkdir(parents=True, exist_ok=True)
+    _, train, _, _ = taglm.load_tagging(str(conll), 0)
+    conll_text = "\n".join(" ".join(words) for words, _ in train)
+    (corpus / "train.txt").write_text((wt2 / "train.txt").read_text() + "\n" + conll_text + "\n")
+    (corpus / "valid.txt").write_text((wt2 / "valid.txt").read_text())
+    results = {}
+    t0, c0 = time.time(), time.process_time()
+    lm = taglm.main(["pretrain-lm", "--preset", preset, "--data", str(corpus), "--out_dir", str(out / "lm"),
+                     "--lm_total_steps", str(lm_steps), "--eval_interval", str(lm_steps), "--log_interval",
+                     str(max(1, lm_steps // 4))])
+    results["lm"] = (time.time() - t0, time.process_time() - c0, lm)
+    for insert in ("layer1", "none"):
+        t0, c0 = time.time(), time.process_time()
+        r = taglm.main(["tag", "--preset", preset, "--tag_data", str(conll), "--out_dir", str(out / insert),
+                        "--lm_insert", insert, "--init_from", str(out / "lm" / "ckpt.pt"), "--epochs", "100",
+                        "--max_steps", str(tag_steps), "--eval_interval", str(tag_steps), "--log_interval",
+                        str(max(1, tag_steps // 4)), "--patience", "0"])
+        results[insert] = (time.time() - t0, time.process_time() - c0, r)
+    wall, cpu, lm = results["lm"]
+    print(f"\nLMs ({preset}, {lm_steps} steps on WikiText-2 + CoNLL-2003 train): ppl fwd {lm['ppl_fwd']:.1f} "
+          f"bwd {lm['ppl_bwd']:.1f} on WikiText-2 valid; {wall:.0f} s wall, {cpu:.0f} s CPU")
+    for insert, label in (("layer1", "with LM embeddings (layer1)"), ("none", "without LMs (baseline)")):
+        wall, cpu, r = results[insert]
+        print(f"tagger {label}, {tag_steps} steps: dev F1 {100 * r['best_f1']:.2f}, test F1 "
+              f"{100 * r['test_f1']:.2f}; {wall:.0f} s wall, {cpu:.0f} s CPU")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["crf", "quality"])
+    p.add_argument("--shared", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+    p.add_argument("--lm_steps", type=int, default=1000)
+    p.add_argument("--tag_steps", type=int, default=2000)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--out_dir", default="")
+    args = p.parse_args()
+    if args.what == "crf":
+        bench_crf()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_quality(Path(args.shared), args.lm_steps, args.tag_steps, args.preset, Path(args.out_dir or tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""taglm.py: the CRF against brute force and pytorch-crf, span F1 against seqeval, tag schemes, the frozen
+LMs, the concatenation sizes, resume, errors, CoNLL reading, and the cross-model property rows."""
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import taglm
+from rows import Rows
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = taglm.PRESETS["tiny"]
+WORDS = ["the", "a", "Paris", "internationalisation", "x", "John", "said", "on", "Monday", ".", "Acme",
+         "Corp", "shares", "fell", "of", "to", "Nairobi", "é", "United", "Nations"]
+TAGS = ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine is small and shared: one intra-op thread is much faster than contended two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ids(seed, B, T):
+    return torch.randint(len(WORDS), (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def chars_of(word_ids):
+    """(B, T, W) character ids, W the widest word present (as collate pads), so W varies with the words."""
+    chars = taglm.chars_tensor(WORDS, TINY.max_chars)[word_ids]
+    return chars[..., :int((chars > 0).sum(-1).max())]
+
+
+def tiny_lms(seed):
+    torch.manual_seed(seed)
+    return taglm.build_model(TINY, 50).eval()
+
+
+def tiny_tagger(seed, **changes):
+    cfg = dataclasses.replace(TINY, **changes)
+    lms = tiny_lms(seed) if cfg.lm_insert != "none" else None
+    torch.manual_seed(seed)
+    return taglm.Tagger(cfg, len(WORDS) + 2, TAGS, lms).eval()
+
+
+def tagger_batch(word_ids, lengths, seed=0):
+    B, T = word_ids.shape
+    g = torch.Generator().manual_seed(seed)
+    return {"words": word_ids + 2, "chars": chars_of(word_ids), "lengths": lengths,
+            "mask": torch.arange(T)[None, :] < lengths[:, None],
+            "tags": torch.tensor([1, 4, 0])[torch.randint(3, (B, T), generator=g)]}  # B-PER, O, B-LOC: valid BIO
+
+
+def lm_loss(model, seed):
+    word_ids = ids(seed, 2, 7)
+    return taglm.pretrain_loss(model, {"chars": chars_of(word_ids), "targets": word_ids})
+
+
+PROPERTY_ROWS = [
+    Rows("taglm-lm-forward", tiny_lms, ids, causal=lambda m, x: m.fwd.hidden(chars_of(x)), direction="forward",
+         loss=lm_loss),
+    Rows("taglm-lm-backward", tiny_lms, ids, causal=lambda m, x: m.bwd.hidden(chars_of(x)), direction="backward"),
+    Rows("taglm-tagger", tiny_tagger, ids, padded=lambda m, x, n: m.emissions(tagger_batch(x, n)),
+         loss=lambda m, seed: m(tagger_batch(ids(seed, 3, 6), torch.tensor([6, 3, 1]), seed))),
+    Rows("taglm-tagger-charlstm-input", lambda s: tiny_tagger(s, char_encoder="lstm", lm_insert="input"), ids,
+         padded=lambda m, x, n: m.emissions(tagger_batch(x, n)),
+         loss=lambda m, seed: m(tagger_batch(ids(seed, 3, 6), torch.tensor([6, 3, 1]), seed))),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# CRF: brute force over every tag path, pytorch-crf, gradcheck
+
+
+@st.composite
+def crf_case(draw, max_tags=5, max_len=5):
+    N, T, B = draw(st.integers(1, max_tags)), draw(st.integers(1, max_len)), draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    lengths = torch.tensor(draw(st.lists(st.integers(1, T), min_size=B, max_size=B)))
+    g = torch.Generator().manual_seed(seed)
+    allowed = None
+    if draw(st.booleans()):  # random constraints; every tag may start, end and follow itself
+        trans = (torch.rand(N, N, generator=g) < 0.6) | torch.eye(N, dtype=torch.bool)
+        allowed = (trans, torch.rand(N, generator=g) < 0.7, torch.rand(N, generator=g) < 0.7)
+        allowed[1][0] = allowed[2][0] = True
+    crf = taglm.CRF(N, allowed)
+    with torch.no_grad():
+        for p in crf.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    emissions = torch.randn(B, T, N, generator=g) * 2
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return crf, emissions, mask
+
+
+def brute_force(crf, emissions, mask):
+    """Every path of every sequence, scored from the definition: (log Z, best score, best path) each."""
+    start, trans, end = crf.scores()
+    out = []
+    for b in range(emissions.size(0)):
+        L = int(mask[b].sum())
+        paths = torch.tensor(list(itertools.product(range(emissions.size(2)), repeat=L)))  # (P, L)
+        e = emissions[b, torch.arange(L), paths].sum(1)
+        s = start[paths[:, 0]] + e + trans[paths[:, :-1], paths[:, 1:]].sum(1) + end[paths[:, -1]]
+        out.append((torch.logsumexp(s, 0), s.max(), paths[s.argmax()]))
+    return out
+
+
+@given(crf_case())
+@settings(max_examples=25)
+def test_crf_log_partition_and_likelihood_equal_brute_force(case):
+    crf, emissions, mask = case
+    with torch.no_grad():
+        log_z = crf.log_partition(emissions, mask)
+        for b, (bf_log_z, _, best) in enumerate(brute_force(crf, emissions, mask)):
+            torch.testing.assert_close(log_z[b], bf_log_z, atol=1e-4, rtol=1e-5)
+            tags = torch.zeros(1, mask.size(1), dtype=torch.long)
+            tags[0, :len(best)] = best
+            ll = crf.log_likelihood(emissions[b:b + 1], tags, mask[b:b + 1])
+            torch.testing.assert_close(ll[0], brute_force(crf, emissions[b:b + 1], mask[b:b + 1])[0][1] - bf_log_z,
+                                       atol=1e-4, rtol=1e-5)
+
+
+@given(crf_case(max_tags=3, max_len=4))
+@settings(max_examples=15)
+def test_crf_probabilities_of_all_paths_sum_to_one(case):
+    crf, emissions, mask = case
+    L = int(mask[0].sum())
+    total = torch.stack([crf.log_likelihood(emissions[:1], torch.tensor([list(p) + [0] * (mask.size(1) - L)]),
+                                            mask[:1])[0]
+                         for p in itertools.product(range(emissions.size(2)), repeat=L)])
+    torch.testing.assert_close(total.logsumexp(0), torch.tensor(0.0), atol=1e-4, rtol=0)
+
+
+@given(crf_case())
+@settings(max_examples=25)
+def test_viterbi_equals_brute_force_argmax_and_its_score(case):
+    crf, emissions, mask = case
+    with torch.no_grad():
+        path, score = crf.viterbi(emissions, mask)
+        for b, (_, best_score, best) in enumerate(brute_force(crf, emissions, mask)):
+            torch.testing.assert_close(score[b], best_score, atol=1e-4, rtol=1e-5)
+            assert path[b, :len(best)].tolist() == best.tolist()
+            assert (path[b, len(best):] == 0).all()
+        torch.testing.assert_close(crf.path_score(emissions, path, mask), score, atol=1e-4, rtol=1e-5)
+
+
+@given(crf_case(), st.integers(1, 4), st.integers(0, 2**16))
+def test_crf_ignores_padding(case, extra, seed):
+    crf, emissions, mask = case
+    g = torch.Generator().manual_seed(seed)
+    B, T, N = emissions.shape
+    tags = torch.randint(N, (B, T), generator=g)
+    longer = torch.cat([emissions, 50 * torch.randn(B, extra, N, generator=g)], 1)
+    longer_mask = torch.cat([mask, torch.zeros(B, extra, dtype=torch.bool)], 1)
+    longer_tags = torch.cat([tags, torch.randint(N, (B, extra), generator=g)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(crf.log_likelihood(emissions, tags, mask),
+                                   crf.log_likelihood(longer, longer_tags, longer_mask))
+        assert torch.equal(crf.viterbi(emissions, mask)[0], crf.viterbi(longer, longer_mask)[0][:, :T])
+
+
+@given(crf_case())
+@settings(max_examples=25)
+def test_crf_agrees_with_pytorch_crf(case):
+    torchcrf = pytest.importorskip("torchcrf")
+    crf, emissions, mask = case
+    crf = taglm.CRF(crf.transitions.size(0))  # pytorch-crf has no constraints
+    theirs = torchcrf.CRF(crf.transitions.size(0), batch_first=True)
+    with torch.no_grad():
+        for p in crf.parameters():
+            p.normal_()
+        theirs.transitions.copy_(crf.transitions)
+        theirs.start_transitions.copy_(crf.start)
+        theirs.end_transitions.copy_(crf.end)
+    tags = torch.randint(emissions.size(2), mask.shape)
+    torch.testing.assert_close(crf.log_likelihood(emissions, tags, mask),
+                               theirs(emissions, tags, mask, reduction="none"), atol=1e-5, rtol=1e-5)
+    path, _ = crf.viterbi(emissions, mask)
+    assert [row[:n] for row, n in zip(path.tolist(), mask.sum(1).tolist())] == theirs.decode(emissions, mask)
+
+
+def test_crf_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    crf = taglm.CRF(4).double()
+    emissions = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    tags = torch.randint(4, (3, 5), generator=g)
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 3, 1])[:, None]
+    params = [p.detach().clone().requires_grad_() for p in (crf.transitions, crf.start, crf.end)]
+
+    def log_likelihood(e, trans, start, end):
+        return torch.func.functional_call(crf, {"transitions": trans, "start": start, "end": end}, (e, tags, mask))
+
+    assert torch.autograd.gradcheck(log_likelihood, (emissions, *params))
+
+
+@given(st.sampled_from(["bio", "bioes"]), st.integers(0, 2**16), st.integers(1, 12))
+def test_constrained_viterbi_gives_valid_sequences(scheme, seed, T):
+    tag_list = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    if scheme == "bioes":
+        tag_list += ["E-PER", "S-PER", "E-LOC", "S-LOC"]
+    crf = taglm.CRF(len(tag_list), taglm.allowed_transitions(tag_list, scheme))
+    g = torch.Generator().manual_seed(seed)
+    emissions = 5 * torch.randn(4, T, len(tag_list), generator=g)
+    lengths = torch.randint(1, T + 1, (4,), generator=g)
+    path, _ = crf.viterbi(emissions, torch.arange(T)[None, :] < lengths[:, None])
+    for row, n in zip(path.tolist(), lengths.tolist()):
+        tags = [tag_list[j] for j in row[:n]]
+        bio = taglm.bioes_to_bio(tags) if scheme == "bioes" else tags
+        assert is_valid_bio(bio), tags
+        if scheme == "bioes":
+            assert taglm.bio_to_bioes(bio) == tags, tags
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tag schemes and span F1 (seqeval as the oracle)
+
+
+def is_valid_bio(tags):
+    return all(not t.startswith("I-") or (i and tags[i - 1][2:] == t[2:]) for i, t in enumerate(tags))
+
+
+tag_seq = st.lists(st.sampled_from(["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "I-MISC"]), max_size=15)
+
+
+@given(tag_seq)
+def test_iob1_to_bio_is_valid_bio_and_keeps_spans(tags):
+    bio = taglm.iob1_to_bio(tags)
+    assert is_valid_bio(bio)
+    assert taglm.spans(bio) == taglm.spans(tags)
+    assert taglm.iob1_to_bio(bio) == bio  # BIO is IOB1's fixed point
+    assert [t[2:] for t in bio] == [t[2:] for t in tags]
+
+
+def test_iob1_to_bio_examples():
+    assert taglm.iob1_to_bio(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-LOC", "I-ORG"]) == \
+        ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC", "B-ORG"]
+    assert taglm.spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5)}
+
+
+@given(tag_seq)
+def test_bioes_round_trip(tags):
+    bio = taglm.iob1_to_bio(tags)
+    bioes = taglm.bio_to_bioes(bio)
+    assert taglm.bioes_to_bio(bioes) == bio
+    assert all(t[0] in "OBIES" for t in bioes)
+    assert sum(t[0] in "BS" for t in bioes) == len(taglm.spans(bio))
+
+
+def check_against_seqeval(gold, pred):
+    seqeval = pytest.importorskip("seqeval.metrics")
+    ours = taglm.span_f1(gold, pred)
+    for name in ("precision", "recall", "f1"):
+        theirs = getattr(seqeval, f"{name}_score")(gold, pred, zero_division=0)
+        assert ours[name] == pytest.approx(theirs, abs=1e-9), name
+    report = seqeval.classification_report(gold, pred, output_dict=True, zero_division=0)
+    for typ, s in ours["per_type"].items():
+        if typ in report:
+            assert s["f1"] == pytest.approx(report[typ]["f1-score"], abs=1e-9), typ
+            assert s["precision"] == pytest.approx(report[typ]["precision"], abs=1e-9), typ
+
+
+@given(st.lists(st.tuples(tag_seq, st.integers(0, 2**16)), min_size=1, max_size=6))
+def test_span_f1_agrees_with_seqeval_on_random_bio(pairs):
+    gold, pred = [], []
+    for tags, seed in pairs:
+        g = torch.Generator().manual_seed(seed)
+        noisy = [t if torch.rand(1, generator=g) < 0.7 else ["O", "B-PER", "I-PER", "B-LOC"][
+            int(torch.randint(4, (1,), generator=g))] for t in tags]
+        gold.append(taglm.iob1_to_bio(tags))
+        pred.append(taglm.iob1_to_bio(noisy))
+    check_against_seqeval(gold, pred)
+
+
+def test_span_f1_agrees_with_seqeval_on_real_tags(shared_data):
+    _, _, dev, _ = taglm.load_tagging(str(shared_data / "conll2003"), 0)
+    gold = [t for _, t in dev]
+    g = torch.Generator().manual_seed(0)
+    pred = []
+    for tags in gold:  # a plausible tagger's mistakes: drop, retype and split some spans
+        row = list(tags)
+        for i in range(len(row)):
+            r = float(torch.rand(1, generator=g))
+            if r < 0.03:
+                row[i] = "O"
+            elif r < 0.06 and row[i] != "O":
+                row[i] = row[i][:2] + ("ORG" if row[i][2:] != "ORG" else "PER")
+        pred.append(taglm.iob1_to_bio(row))
+    check_against_seqeval(gold, pred)
+    assert taglm.span_f1(gold, gold)["f1"] == 1.0
+
+
+def test_allowed_transitions_accept_exactly_valid_bio():
+    tag_list = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    trans, start, _ = taglm.allowed_transitions(tag_list, "bio")
+    for seq in itertools.product(range(len(tag_list)), repeat=3):
+        ok = bool(start[seq[0]]) and all(trans[a, b] for a, b in zip(seq, seq[1:]))
+        assert ok == is_valid_bio([tag_list[i] for i in seq])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tagger: concatenation sizes, frozen LMs
+
+
+@pytest.mark.parametrize("insert", ["input", "layer1", "layer2", "none"])
+def test_input_sizes_at_the_concatenation(insert):
+    model = tiny_tagger(0, lm_insert=insert)
+    seen = {}
+    for name in ("layer1", "layer2", "out"):
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, (args[0].data if hasattr(args[0], "data") and
+                                                               not torch.is_tensor(args[0]) else args[0]).size(-1)))
+    model.emissions(tagger_batch(ids(0, 2, 5), torch.tensor([5, 2])))
+    x = TINY.char_filters + TINY.word_dim
+    lm, h = 2 * TINY.lm_proj, 2 * TINY.hidden
+    expected = {"input": (x + lm, h, h), "layer1": (x, h + lm, h), "layer2": (x, h, h + lm), "none": (x, h, h)}
+    assert (seen["layer1"], seen["layer2"], seen["out"]) == expected[insert]
+    assert (model.layer1.input_size, model.layer2.input_size, model.out.in_features) == expected[insert]
+
+
+def test_lm_embeddings_are_each_lms_top_layer():
+    model = tiny_tagger(0)
+    word_ids, lengths = ids(1, 2, 5), torch.tensor([5, 3])
+    h = model.lm_embeddings(chars_of(word_ids), lengths)  # (B, T, 2P)
+    for b, n in enumerate(lengths.tolist()):
+        sentence = ["</s>"] + [WORDS[i] for i in word_ids[b, :n]] + ["</s>"]
+        chars = taglm.chars_tensor(sentence, TINY.max_chars)[None]
+        fwd, bwd = model.lms.fwd.hidden(chars)[0, 1:-1], model.lms.bwd.hidden(chars)[0, 1:-1]
+        torch.testing.assert_close(h[b, :n], torch.cat([fwd, bwd], -1), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the command line: stages, frozen LMs, resume, errors, smoke run
+
+
+@pytest.fixture(scope="module")
+def lm_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    summary = taglm.main(["pretrain-lm", "--preset", "tiny", "--data", "builtin", "--out_dir", str(out),
+                          "--lm_total_steps", "6", "--eval_interval", "3"])
+    torch.set_num_threads(n)
+    assert summary["ppl_fwd"] > 1 and summary["ppl_bwd"] > 1
+    return out / "ckpt.pt"
+
+
+def tag_args(out, *more):
+    return ["tag", "--preset", "tiny", "--tag_data", "builtin", "--out_dir", str(out), "--eval_interval", "4",
+            *more]
+
+
+def test_lms_get_no_gradient_and_do_not_change(lm_ckpt, tmp_path):
+    summary = taglm.main(tag_args(tmp_path, "--init_from", str(lm_ckpt), "--max_steps", "4"))
+    assert 0 <= summary["test_f1"] <= 1
+    before = torch.load(lm_ckpt, weights_only=False)["model"]
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    tagger_state = after["model"]
+    for k, v in before.items():
+        assert torch.equal(tagger_state[f"lms.{k}"], v), k
+    trainable = {id(p) for g in after["optimizer"]["param_groups"] for p in g["params"]}
+    assert len(trainable) == sum(1 for k in tagger_state if not k.startswith("lms.") and "allowed" not in k)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "val", "test"} <= {r["split"] for r in records}
+    assert all({"step", "split", "loss"} <= set(r) for r in records)
+    assert "f1" in records[-1]
+
+
+def test_resume_equals_uninterrupted(lm_ckpt, tmp_path):
+    common = ["--init_from", str(lm_ckpt), "--log_interval", "1", "--eval_interval", "3"]
+    taglm.main(tag_args(tmp_path / "a", *common, "--max_steps", "6"))
+    taglm.main(tag_args(tmp_path / "b", *common, "--max_steps", "3"))
+    taglm.main(tag_args(tmp_path / "b", *common, "--max_steps", "6", "--resume"))
+
+    def train_loss(d, step):
+        return [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train" and r["step"] == step][-1]
+
+    assert train_loss(tmp_path / "a", 6) == train_loss(tmp_path / "b", 6)
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lm_pretraining_resume_equals_uninterrupted(tmp_path):
+    common = ["pretrain-lm", "--preset", "tiny", "--data", "builtin", "--eval_interval", "3", "--log_interval", "1"]
+    taglm.main([*common, "--out_dir", str(tmp_path / "a"), "--max_steps", "6"])
+    taglm.main([*common, "--out_dir", str(tmp_path / "b"), "--max_steps", "3"])
+    taglm.main([*common, "--out_dir", str(tmp_path / "b"), "--max_steps", "6", "--resume"])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def write_conll(folder: Path, train: str, dev="x NN I-NP O\n", test="x NN I-NP O\n") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("eng.train", train), ("eng.testa", dev), ("eng.testb", test)):
+        (folder / name).write_text(text)
+    return folder
+
+
+GOOD = "-DOCSTART- -X- O O\n\nJohn NNP I-NP I-PER\nsaid VBD I-VP O\n\n"
+
+
+@pytest.mark.parametrize("files, argv, message", [
+    ({"train": GOOD + "Paris NNP I-LOC\n"}, [], "expected 4 space-separated columns"),
+    ({"train": GOOD + "Paris NNP I-NP LOCATION\n"}, [], "is not O, B-TYPE or I-TYPE"),
+    ({"train": ""}, [], "is empty"),
+    ({"train": GOOD, "dev": "x NN O\n"}, [], "expected 4 space-separated columns"),
+    ({}, ["--tag_data", "no/such/place"], "unknown tagging data"),
+    ({}, ["--dropout", "1.0"], "--dropout must be in [0, 1)"),
+    ({}, ["--hidden", "0"], "--hidden must be positive"),
+    ({}, ["--lm_insert", "layer3"], "--lm_insert must be one of"),
+    ({}, ["--lm_filters", "3x"], "--lm_filters must look like"),
+    ({}, ["--lm_insert", "layer1", "--init_from", ""], "tag needs --init_from"),
+    ({}, ["--lm_insert", "layer1", "--init_from", "missing.pt"], "checkpoint missing.pt does not exist"),
+    ({}, ["--glove", "GLOVE"], "expected a word and 16 numbers"),
+    ({}, ["--preset", "huge"], "invalid choice"),
+])
+def test_errors_through_the_command_line(tmp_path, capsys, files, argv, message):
+    argv = [a.replace("GLOVE", str(tmp_path / "glove.txt")) for a in argv]
+    (tmp_path / "glove.txt").write_text("john 0.1 0.2\n")
+    data = ["--tag_data", str(write_conll(tmp_path / "data", **files))] if files else ["--tag_data", "builtin"]
+    with pytest.raises(SystemExit) as e:
+        taglm.main(tag_args(tmp_path / "out", "--lm_insert", "none", *data, *argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_init_from_must_be_an_lm_checkpoint(lm_ckpt, tmp_path, capsys):
+    taglm.main(tag_args(tmp_path / "t", "--init_from", str(lm_ckpt), "--max_steps", "1"))
+    with pytest.raises(SystemExit) as e:
+        taglm.main(tag_args(tmp_path / "u", "--init_from", str(tmp_path / "t" / "ckpt.pt")))
+    assert e.value.code == 2 and "is not a taglm.py pretrain-lm checkpoint" in capsys.readouterr().err
+
+
+def test_unseen_eval_tag_is_a_warning_and_counts_as_an_error(tmp_path, capsys):
+    data = write_conll(tmp_path / "d", GOOD * 3, dev=GOOD, test="Ann NNP I-NP I-ART\nsaid VBD I-VP O\n")
+    summary = taglm.main(tag_args(tmp_path / "out", "--lm_insert", "none", "--tag_data", str(data), "--max_steps", "2"))
+    assert "test data has 1 tags unseen in training (B-ART)" in capsys.readouterr().out
+    assert summary["test_f1"] == 0.0 and summary["test_per_type"]["ART"]["recall"] == 0.0
+
+
+def test_glove_vectors_initialise_the_word_embeddings(tmp_path):
+    vec = [0.5 * i for i in range(16)]
+    glove = [f"{w} " + " ".join(str(v + i) for v in vec) for i, w in enumerate(["john", "ann", "zzz"])]
+    (tmp_path / "g.txt").write_text("\n".join(glove) + "\n")
+    data = write_conll(tmp_path / "d", GOOD * 3 + "Bob NNP I-NP I-PER\n", dev="Ann NNP I-NP I-PER\n")
+    taglm.main(tag_args(tmp_path / "out", "--lm_insert", "none", "--tag_data", str(data), "--glove",
+                        str(tmp_path / "g.txt"), "--max_steps", "1", "--lr", "1e-9"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    for i, word in enumerate(["john", "ann"]):  # a training word and a dev word GloVe knows
+        row = ckpt["model"]["words.weight"][ckpt["words"].index(word)]
+        torch.testing.assert_close(row, torch.tensor(vec) + i, atol=1e-6, rtol=0)
+    assert "zzz" not in ckpt["words"] and "bob" not in ckpt["words"]  # not in the data; a singleton: <unk>
+
+
+def test_synthetic_task_is_deterministic_iob1():
+    a, b = taglm.synthetic_ner(50, 3), taglm.synthetic_ner(50, 3)
+    assert a == b and a != taglm.synthetic_ner(50, 4)
+    sentences, columns = taglm.parse_conll(a, "synthetic", 4)
+    assert len(sentences) == 50
+    assert any(t.startswith("I-") for _, ts in sentences for t in ts)
+
+
+def test_reads_conll2003(shared_data):
+    name, train, dev, test = taglm.load_tagging(str(shared_data / "conll2003"), 0)
+    assert (len(train), len(dev), len(test)) == (14041, 3250, 3453)
+    assert sum(len(w) for w, _ in train) == 203621
+    assert all(is_valid_bio(t) for _, t in train)
+    counts = {}
+    for _, tags in train:
+        for typ, _, _ in taglm.spans(tags):
+            counts[typ] = counts.get(typ, 0) + 1
+    assert counts == {"LOC": 7140, "MISC": 3438, "ORG": 6321, "PER": 6600}  # SOURCE.md, the published counts
+
+
+def test_reads_conll2000_with_dev_from_train(shared_data, capsys):
+    name, train, dev, test = taglm.load_tagging(str(shared_data / "conll2000"), 0)
+    assert len(train) + len(dev) == 8936 and len(dev) == 893 and len(test) == 2012
+    assert sum(len(w) for w, _ in test) == 47377
+    tags = {t: i for i, t in enumerate(sorted({t for _, ts in train for t in ts}))}
+    assert "I-LST" not in tags  # real data: the test set's I-LST never occurs in training
+    examples, gold = taglm.encode_tagging(test, {}, tags, "bio", 50, "test")
+    assert "test data has 2 tags unseen in training (I-LST)" in capsys.readouterr().out
+    assert sum(int((t < 0).sum()) for _, _, t in examples) == 2 and sum(t.count("I-LST") for t in gold) == 2
+
+
+def test_smoke_subprocess_main_job(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "taglm.py"), "--preset", "tiny", "--data", "builtin",
+                        "--tag_data", "builtin", "--out_dir", str(tmp_path), "--max_steps", "3"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "NLP_LINEAGE_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 0, r.stderr
+    assert "test F1" in r.stdout and "SYNTHETIC" in r.stdout
+    assert (tmp_path / "lm" / "ckpt.pt").is_file() and (tmp_path / "tag" / "ckpt.pt").is_file()
+
+
+def test_lm_windows_pair_each_token_with_its_characters_and_id():
+    vocab = [taglm.UNK, taglm.BOUNDARY, "b", "a"]
+    stream = taglm.LMStream("a b c\n\nd a", vocab, 10)
+    assert len(stream) == 7  # a b c </s> d a </s>: blank lines are skipped
+    batch = stream.window([2], 3)  # c </s> d a
+    assert batch["targets"].tolist() == [[0, 1, 0, 3]]  # c and d are outside the vocabulary: <unk>
+    expected = taglm.chars_tensor(["c", taglm.BOUNDARY, "d", "a"], 10)
+    assert torch.equal(batch["chars"][0, :, :expected.size(1)], expected)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # random windows stay inside the stream (and inside a rank's shard)
+        assert taglm.get_batch(stream, 2, 3, g, lo=1, hi=6)["chars"].shape[:2] == (2, 4)
+
+
+def test_reads_lm_text_folders(shared_data):
+    for folder, n_train in (("ptb", 5101618), ("wikitext-2", 10797148)):
+        name, train, valid = taglm.load_lm_text(str(shared_data / folder))
+        assert len(train.encode()) == n_train and valid.strip()
