@@ -41,6 +41,7 @@ Deliberate deviations from the paper
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -818,6 +819,7 @@ def setup_ddp(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for all of a main job's stages
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -1019,9 +1021,6 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         checkpoint(*at_step_start)
         log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
         return {"step": step, "interrupted": True}
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
         metrics = run_eval() if rank == 0 else {}
     summary = {"step": step, **{k: v for k, v in metrics.items()}}
