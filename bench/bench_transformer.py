@@ -1,0 +1,121 @@
+"""Benchmarks for transformer.py (results in bench/RESULTS_transformer.md).
+
+throughput: one training step (forward, label-smoothed loss, backward, Adam) of our model against a model of
+  the same size built from torch.nn.Transformer with the same shared embedding, sinusoids, tied output layer
+  and loss; same batch, same dtype, same process, both eager. Warm-up first, then the median of interleaved
+  repeats; ratio = reference time / our time (above 1: ours is faster).
+quality: train the small preset on Multi30k de->en (../shared/data/multi30k) for a wall-clock budget, then
+  test2016 BLEU (sacreBLEU 13a, computed in-file) with greedy search and with beam search.
+
+  python bench/bench_transformer.py throughput [--repeats 5] [--steps 3]
+  python bench/bench_transformer.py quality --data ../shared/data/multi30k --max_steps 60
+"""
+import argparse
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import transformer as T  # noqa: E402
+
+
+class TorchReference(nn.Module):
+    """nn.Transformer (post-LN, ReLU) between the same embedding, positional encoding and tied output layer."""
+
+    def __init__(self, cfg: T.Config):
+        super().__init__()
+        self.cfg, self.pad = cfg, cfg.vocab_size - 1
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.register_buffer("pe", T.sinusoids(cfg.max_len, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.core = nn.Transformer(cfg.d_model, cfg.n_head, cfg.n_layer, cfg.n_layer, cfg.d_ff, cfg.dropout,
+                                   batch_first=True, layer_norm_eps=1e-6)
+
+    def emb(self, ids):
+        return self.drop(self.embed(ids) * math.sqrt(self.cfg.d_model) + self.pe[:ids.size(1)])
+
+    def forward(self, src, tgt_in):
+        causal = torch.ones(tgt_in.size(1), tgt_in.size(1), dtype=torch.bool).triu(1)
+        h = self.core(self.emb(src), self.emb(tgt_in), tgt_mask=causal, src_key_padding_mask=src == self.pad,
+                      memory_key_padding_mask=src == self.pad, tgt_key_padding_mask=tgt_in == self.pad)
+        return h @ self.embed.weight.T
+
+
+def step_time(model, batch, opt, ctx, steps):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with ctx:
+            loss = T.label_smoothed_loss(model(batch["src"], batch["tgt_in"]), batch["tgt_out"], 0.1, model.pad)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / steps
+
+
+def throughput(args):
+    cfg = dataclasses.replace(T.PRESETS["small"], vocab_size=8000)
+    g = torch.Generator().manual_seed(0)
+    B, S, L = args.batch, args.length, args.length
+    src = torch.randint(0, cfg.vocab_size - 3, (B, S), generator=g)
+    tgt = torch.randint(0, cfg.vocab_size - 3, (B, L + 1), generator=g)
+    batch = {"src": src, "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:]}
+    print(f"threads {torch.get_num_threads()}, small preset (d_model {cfg.d_model}, {cfg.n_layer}+{cfg.n_layer} "
+          f"layers, vocab {cfg.vocab_size}), batch {B} x ({S} + {L}) tokens")
+    for dtype in (torch.float32, torch.bfloat16):
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+        torch.manual_seed(0)
+        ours, ref = T.build_model(cfg).train(), TorchReference(cfg).train()
+        n_ours, n_ref = (sum(p.numel() for p in m.parameters()) for m in (ours, ref))
+        assert n_ref - n_ours == 4 * cfg.d_model  # nn.Transformer always adds a final LayerNorm to each stack
+        opts = {name: torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+                for name, m in (("ours", ours), ("ref", ref))}
+        for name, m in (("ours", ours), ("ref", ref)):  # warm-up
+            step_time(m, batch, opts[name], ctx, 1)
+        times = {"ours": [], "ref": []}
+        for _ in range(args.repeats):  # interleaved
+            for name, m in (("ours", ours), ("ref", ref)):
+                times[name].append(step_time(m, batch, opts[name], ctx, args.steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        tokens = B * (S + L)
+        peak = T.measure_peak_flops(torch.device("cpu"), dtype)
+        mfu = tokens / med["ours"] * ours.flops_per_token(S, L) / peak
+        print(f"{str(dtype).replace('torch.', ''):9s} ours {med['ours'] * 1e3:7.1f} ms/step "
+              f"({tokens / med['ours']:,.0f} tok/s, MFU {mfu:.1%} of a measured {peak / 1e9:.0f} GFLOP/s), "
+              f"nn.Transformer {med['ref'] * 1e3:7.1f} ms/step, ratio {med['ref'] / med['ours']:.2f}x")
+
+
+def quality(args):
+    out = Path(args.out_dir)
+    t0 = time.time()
+    m = T.main(["train", "--preset", "small", "--data", args.data, "--out_dir", str(out), "--max_steps",
+                str(args.max_steps), "--eval_interval", str(args.max_steps), "--log_interval", "20",
+                "--beam_size", "4", "--keep_checkpoints", "0"])
+    seconds = time.time() - t0
+    model, tok, cfg = T.load_trained(str(out / "ckpt.pt"), T.PRESETS["small"])
+    src, ref = T.read_parallel(Path(args.data), "test_2016_flickr", "de", "en")
+    t1 = time.time()
+    greedy = T.translate_lines(model, tok, src, 1, 0.6, 50, torch.device("cpu"))
+    t_greedy = time.time() - t1
+    print(f"small preset, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {m['step']} steps "
+          f"in {seconds:.0f}s (training + beam decoding of test2016); val nll {m['nll']:.3f}; "
+          f"test2016 BLEU beam 4: {m['bleu']:.2f}, greedy: {T.corpus_bleu(greedy, ref):.2f} ({t_greedy:.0f}s)")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["throughput", "quality"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=24)
+    p.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/multi30k"))
+    p.add_argument("--max_steps", type=int, default=60)
+    p.add_argument("--out_dir", default="/tmp/bench_transformer")
+    a = p.parse_args()
+    throughput(a) if a.what == "throughput" else quality(a)
