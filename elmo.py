@@ -248,8 +248,10 @@ DATASETS = {  # name -> {file: (pinned URL, sha256)}; ../shared/data/URLS.md lis
         ("train", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),
         ("valid", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"))},
     "sst2": {f"{s}.tsv": (
-        "https://raw.githubusercontent.com/nyu-mll/GLUE-baselines/b6e7b8d4e1f3ba2f10b1d1de6be8ec1c4bb5bf4b/"
-        f"glue_data/SST-2/{s}.tsv", None) for s in ("train", "dev")},
+        "https://raw.githubusercontent.com/eyalbd2/Reproducing-AutoPrompt/6288fb5bec9c572f2492875ae0111df5b6daed11/"
+        f"glue_data/SST-2/{f}.tsv", h) for s, f, h in (  # train_full.tsv: that repo's train.tsv is a subset
+        ("train", "train_full", "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1"),
+        ("dev", "dev", "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"))},
 }
 
 
