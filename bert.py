@@ -70,6 +70,7 @@ Deliberate deviations from the paper and the official code
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -969,6 +970,7 @@ def setup_ddp(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for all of a main job's stages
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -1180,11 +1182,10 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         checkpoint(*at_step_start)
         log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
         return {"step": step, "interrupted": True}
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
         metrics = run_eval() if rank == 0 else {}
+    if world > 1:
+        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
     summary = {"step": step, **{k: v for k, v in metrics.items()}}
     log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary
@@ -1432,8 +1433,6 @@ def main(argv=None) -> dict:
             return finetune(cfg)
         # the main job: pretrain into out_dir/pretrain, then fine-tune from it into out_dir/finetune
         root = Path(cfg.out_dir)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each stage's run ends its process group
-            raise UserError("under torchrun, run the stages one at a time: pretrain, then finetune --init_from")
         ckpt = root / "pretrain" / "ckpt.pt"
         pre = pretrain(dataclasses.replace(cfg, out_dir=str(root / "pretrain")))
         fin = finetune(dataclasses.replace(cfg, out_dir=str(root / "finetune"), resume=False,

@@ -59,6 +59,7 @@ Deliberate deviations from the paper and from bilm-tf
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -875,6 +876,7 @@ def setup_ddp(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for all of a main job's stages
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -973,13 +975,14 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul FLOP/s of this device in this dtype: the denominator of MFU."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: resume stays exact
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ a
+    sync()
     reps, t0 = 5, time.perf_counter()
     for _ in range(reps):
         a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
@@ -1088,11 +1091,10 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         checkpoint(*at_step_start)
         log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
         return {"step": step, "interrupted": True}
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
         metrics = run_eval() if rank == 0 else {}
+    if world > 1:
+        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
     summary = {"step": step, **{k: v for k, v in metrics.items()}}
     log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary

@@ -55,7 +55,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -1023,6 +1023,8 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         return {"step": step, "interrupted": True}
     if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
         metrics = run_eval() if rank == 0 else {}
+    if world > 1:
+        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
     summary = {"step": step, **{k: v for k, v in metrics.items()}}
     log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary

@@ -60,6 +60,7 @@ Deliberate deviations from the paper
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import gzip
@@ -962,6 +963,7 @@ def setup_ddp(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # one group for all of a main job's stages
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -1163,12 +1165,10 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         checkpoint()
         log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
         return {"step": step, "interrupted": True}
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    if not metrics and rank == 0:  # resumed at the end of the schedule: evaluate once more
-        metrics = run_eval()
-        checkpoint()
+    if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
+        metrics = run_eval() if rank == 0 else {}
+    if world > 1:
+        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
     summary = {"step": step, **metrics, f"best_{best_key}": best}
     log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary

@@ -1065,6 +1065,8 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         return {"step": step, "interrupted": True}
     if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
         metrics = run_eval() if rank == 0 else {}
+    if world > 1:
+        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
     return {"step": step, **metrics}
 
 
