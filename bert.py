@@ -31,12 +31,11 @@ Run it
   python bert.py pretrain --data wikitext2 --out_dir out/wt2
   python bert.py finetune --init_from out/wt2/ckpt.pt --finetune_data sst2 --out_dir out/sst2
   python bert.py finetune --init_from hf:path/to/bert-base-uncased   # Hugging Face BERT weights
-  torchrun --nproc_per_node=2 bert.py pretrain ...     # data parallel, one stage per torchrun
+  torchrun --nproc_per_node=2 bert.py ...              # data parallel (any stage, or the main job)
 
 Stages and their hyperparameters: `pretrain` uses the plain fields (lr, batch_size, warmup_steps,
 total_steps, max_seq_length); `finetune` uses the `finetune_*` fields and max_seq_length. The main job
-runs `pretrain` into out_dir/pretrain, then `finetune` into out_dir/finetune from that checkpoint (under
-torchrun, launch one stage at a time: each stage's training loop ends its process group).
+runs `pretrain` into out_dir/pretrain, then `finetune` into out_dir/finetune from that checkpoint.
 Data: `--data wikitext2` (articles split at their ` = Title = ` headings are the documents; paragraphs
 are split into sentences after standalone . ! ?; WikiText's ` @-@ ` markup is undone and `<unk>` becomes
 [UNK]), a text file or folder (train.txt, valid.txt) with one sentence per line and a blank line between

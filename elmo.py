@@ -26,7 +26,7 @@ What this file reproduces
 Implementation notes (exact, for speed or numerics): the character CNN runs once per distinct token of a
 batch; the clipped cell is a per-timestep loop (nn.LSTM cannot clip) with the input half of every gate
 computed for the whole window at once, about 0.7x the speed of nn.LSTM(proj_size) of the same size
-(bench/RESULTS_elmo.md); the recurrence and the softmax stay in fp32 under autocast. Under DDP each rank
+(bench/RESULTS.md); the recurrence and the softmax stay in fp32 under autocast. Under DDP each rank
 carries its own LSTM state; checkpoints keep rank 0's, so a multi-rank resume restarts the others' from it.
 
 Run it

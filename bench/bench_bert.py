@@ -1,4 +1,4 @@
-"""Benchmarks for bert.py (results in bench/RESULTS_bert.md).
+"""Benchmarks for bert.py (results in bench/RESULTS.md).
 
 throughput: bert.py's pretraining step (MLM + NSP loss, backward, AdamW) against Hugging Face
   BertForPreTraining at the same config (the small preset: 4 layers, 4 heads, width 128, FFN 512, vocab

@@ -1,4 +1,4 @@
-"""Benchmarks for taglm.py (results in bench/RESULTS_taglm.md).
+"""Benchmarks for taglm.py (results in bench/RESULTS.md).
 
   python bench/bench_taglm.py crf                    # CRF loss + Viterbi vs pytorch-crf, same batch, ratio
   python bench/bench_taglm.py quality --lm_steps N --tag_steps M [--shared ../shared/data]

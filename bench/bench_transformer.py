@@ -1,4 +1,4 @@
-"""Benchmarks for transformer.py (results in bench/RESULTS_transformer.md).
+"""Benchmarks for transformer.py (results in bench/RESULTS.md).
 
 throughput: one training step (forward, label-smoothed loss, backward, Adam) of our model against a model of
   the same size built from torch.nn.Transformer with the same shared embedding, sinusoids, tied output layer

@@ -1,4 +1,4 @@
-"""ulmfit.py benchmarks (results in bench/RESULTS_ulmfit.md).
+"""ulmfit.py benchmarks (results in bench/RESULTS.md).
 
   python bench/bench_ulmfit.py throughput [--preset small] [--repeats 5]
       tokens/s of one AWD-LSTM LM training step (five dropouts, AR, TAR, Adam) against a plain stack of

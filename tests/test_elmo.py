@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = dataclasses.replace(elmo.PRESETS["tiny"], vocab_size=40, dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(seed: int, **overrides) -> elmo.BiLM:
     torch.manual_seed(seed)

@@ -22,14 +22,6 @@ WORDS = ["the", "a", "Paris", "internationalisation", "x", "John", "said", "on",
 TAGS = ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is small and shared: one intra-op thread is much faster than contended two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def ids(seed, B, T):
     return torch.randint(len(WORDS), (B, T), generator=torch.Generator().manual_seed(seed))

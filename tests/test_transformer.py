@@ -331,14 +331,6 @@ BASE = ["--preset", "tiny", "--data", "builtin", "--device", "cpu", "--dtype", "
         "--max_extra_len", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.slow
 def test_tiny_preset_learns_the_copy_task_exactly(tmp_path):

@@ -71,14 +71,6 @@ PROPERTY_ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny LSTMs run fastest on one thread; on a busy 2-core machine two threads are 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def binomial_ok(zeros: int, n: int, p: float) -> bool:
     return abs(zeros - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1
