@@ -298,6 +298,17 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_finetune_resume_equals_uninterrupted(tmp_path):
+    run(tmp_path / "lm", "--total_steps", "10")
+    args = ["finetune", "--preset", "tiny", "--finetune_data", "builtin", "--dtype", "float32", "--init_from",
+            str(tmp_path / "lm" / "ckpt.pt"), "--finetune_epochs", "2", "--eval_interval", "200"]
+    full = gpt.main(args + ["--out_dir", str(tmp_path / "a")])
+    gpt.main(args + ["--out_dir", str(tmp_path / "b"), "--max_steps", "333"])  # stops inside epoch 2
+    resumed = gpt.main(args + ["--out_dir", str(tmp_path / "b"), "--resume"])
+    assert resumed["step"] == full["step"] == 500 and resumed["loss"] == full["loss"]
+    assert resumed["acc"] == full["acc"]
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     run(tmp_path, "--total_steps", "10")
     before = (tmp_path / "ckpt.pt").read_bytes()
