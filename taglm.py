@@ -635,14 +635,17 @@ class EpochSampler:
         self.rank, self.world = rank, world
         self.per_epoch = max(1, len(examples) // (batch_size * world))
         self.epoch, self.index = 0, 0
+        self.order, self.order_epoch = [], None
 
     def __next__(self) -> dict:
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        if self.order_epoch != self.epoch:  # one permutation per epoch, derived from the epoch
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            self.order, self.order_epoch = torch.randperm(len(self.examples), generator=gen).tolist(), self.epoch
         start = (self.index * self.world + self.rank) * self.batch_size
         self.index += 1
-        return collate([self.examples[i] for i in order[start:start + self.batch_size].tolist()])
+        return collate([self.examples[i] for i in self.order[start:start + self.batch_size]])
 
     def state_dict(self):
         return {"epoch": self.epoch, "index": self.index}
