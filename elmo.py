@@ -1098,7 +1098,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         metrics = run_eval() if rank == 0 else {}
     if world > 1:
         dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
-    summary = {"step": step, **{k: v for k, v in metrics.items()}}
+    summary = {"step": step, **metrics}
     log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary
 

@@ -1028,7 +1028,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         metrics = run_eval() if rank == 0 else {}
     if world > 1:
         dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
-    summary = {"step": step, **{k: v for k, v in metrics.items()}}
+    summary = {"step": step, **metrics}
     log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary
 
@@ -1091,9 +1091,8 @@ def finetune(cfg: Config) -> dict:
     if not cfg.init_from and not cfg.resume:
         raise UserError("finetune needs --init_from a BPE-pretrained checkpoint "
                         "(e.g. python gpt.py pretrain --data wikitext2)")
-    source = Path(cfg.out_dir) / "ckpt.pt" if cfg.resume else None
-    if source is not None:
-        ckpt = load_checkpoint(str(source))
+    if cfg.resume:
+        ckpt = load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))
         tok = tokenizer_from_state(ckpt["tokenizer"])
         cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
         gpt = build_model(cfg)
