@@ -118,6 +118,7 @@ class Config:
     glove: str = ""  # a GloVe-format text file of word_dim vectors; empty = random initialisation
     hidden: int = 200  # per direction, both BiLSTM layers
     lm_insert: str = "layer1"  # layer1 (the paper's best) | input | layer2 | none (the baseline)
+    cache_lm: bool = True  # compute the frozen LMs' embeddings of every sentence once, not every epoch
     crf_constraints: bool = True  # forbid invalid BIO/BIOES transitions
     dropout: float = 0.5
     batch_size: int = 64
@@ -125,6 +126,7 @@ class Config:
     epochs: int = 75
     patience: int = 25  # early stopping: evaluations without a better dev F1 (0 = off)
     # both stages
+    grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 5.0
     weight_decay: float = 0.0
     # run control
@@ -176,7 +178,7 @@ def parse_filters(spec: str) -> list[tuple[int, int]]:
 def validate(cfg: Config) -> None:
     for name in ("lm_vocab_size", "lm_char_dim", "lm_hidden", "lm_proj", "lm_layers", "lm_block_size",
                  "lm_batch_size", "lm_total_steps", "char_dim", "char_filters", "char_width", "char_hidden",
-                 "word_dim", "hidden", "batch_size", "epochs", "eval_interval", "log_interval"):
+                 "word_dim", "hidden", "batch_size", "epochs", "eval_interval", "log_interval", "grad_accum"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("lm_highway", "lm_warmup_steps", "patience", "grad_clip", "weight_decay", "max_steps",
@@ -352,6 +354,7 @@ class LMStream:
         self.types = torch.tensor([table[w] for w in tokens], dtype=torch.long)
         self.type_chars = chars_tensor(list(table), max_chars)
         self.type_ids = torch.tensor([ids.get(w, 0) for w in table], dtype=torch.long)
+        self.chars_per_token = (self.type_chars > 0).sum(-1)[self.types].float().mean().item() if tokens else 0.0
 
     def __len__(self):
         return len(self.types)
@@ -613,14 +616,19 @@ def encode_tagging(sentences, words: dict, tags: dict, scheme: str, max_chars: i
 
 
 def collate(examples) -> dict:
-    """Right-padded batch: words (B, T), chars (B, T, W), tags (B, T), mask (B, T) bool, lengths (B,)."""
-    B, T = len(examples), max(len(w) for w, _, _ in examples)
-    W = max(c.size(1) for _, c, _ in examples)
+    """Right-padded batch: words (B, T), chars (B, T, W), tags (B, T), mask (B, T) bool, lengths (B,), and
+    lm (B, T, 2P) when the examples carry cached LM embeddings (cache_lm_embeddings)."""
+    B, T = len(examples), max(len(ex[0]) for ex in examples)
+    W = max(ex[1].size(1) for ex in examples)
     batch = {"words": torch.zeros(B, T, dtype=torch.long), "chars": torch.zeros(B, T, W, dtype=torch.long),
              "tags": torch.zeros(B, T, dtype=torch.long)}
-    for i, (w, c, t) in enumerate(examples):
+    if len(examples[0]) == 4:
+        batch["lm"] = torch.zeros(B, T, examples[0][3].size(1))
+    for i, (w, c, t, *lm) in enumerate(examples):
         batch["words"][i, :len(w)], batch["chars"][i, :len(w), :c.size(1)], batch["tags"][i, :len(w)] = w, c, t
-    batch["lengths"] = torch.tensor([len(w) for w, _, _ in examples])
+        if lm:
+            batch["lm"][i, :len(w)] = lm[0]
+    batch["lengths"] = torch.tensor([len(ex[0]) for ex in examples])
     batch["mask"] = torch.arange(T)[None, :] < batch["lengths"][:, None]
     return batch
 
@@ -856,7 +864,7 @@ class Tagger(nn.Module):
         self.words = nn.Embedding(n_words, cfg.word_dim, padding_idx=0)
         self.lms = lms
         if lms is not None:
-            lms.requires_grad_(False)  # frozen: the tagger never changes the LMs
+            lms.requires_grad_(False).eval()  # frozen: the tagger never changes the LMs
         d_lm = 2 * cfg.lm_proj if lms is not None else 0
         d_x = self.chars.out_dim + cfg.word_dim
         self.layer1 = nn.LSTM(d_x + d_lm * (self.insert == "input"), cfg.hidden, batch_first=True,
@@ -887,7 +895,9 @@ class Tagger(nn.Module):
     def emissions(self, batch: dict):  # -> tag scores (B, T, N)
         lengths = batch["lengths"]
         x = self.drop(torch.cat([self.chars(batch["chars"]), self.words(batch["words"])], -1))  # x_k
-        lm = self.lm_embeddings(batch["chars"], lengths) if self.insert != "none" else None
+        lm = None
+        if self.insert != "none":  # cached (computed once by cache_lm_embeddings) or computed now
+            lm = batch["lm"] if "lm" in batch else self.lm_embeddings(batch["chars"], lengths)
         if self.insert == "input":
             x = torch.cat([x, lm.to(x.dtype)], -1)
         h = run_lstm(self.layer1, x, lengths)  # h_k,1 = [fwd h_k,1; bwd h_k,1]   (B, T, 2H)
@@ -903,6 +913,41 @@ class Tagger(nn.Module):
 
     def decode(self, batch: dict):  # -> Viterbi tags (B, T)
         return self.crf.viterbi(self.emissions(batch), batch["mask"])[0]
+
+
+@torch.no_grad()
+def cache_lm_embeddings(model: Tagger, examples, batch_size: int, device, ctx) -> list:
+    """Each example with its h^LM (n, 2P) appended. The LMs are frozen and run in eval mode, so a
+    sentence's LM embeddings are the same in every epoch and every evaluation: computing them once
+    (batches of similar length, little padding) halves the CPU of a tagger epoch and gives the same
+    numbers (tested)."""
+    model.lms.eval()  # no dropout: the numbers every step would compute
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    out = [None] * len(examples)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        b = collate([examples[i] for i in idx])
+        with ctx:
+            h = model.lm_embeddings(b["chars"].to(device), b["lengths"].to(device)).float().cpu()
+        for j, i in enumerate(idx):
+            out[i] = (*examples[i][:3], h[j, :len(examples[i][0])].clone())
+    return out
+
+
+def flops_per_token(model: nn.Module, chars_per_token: float, skip: nn.Module | None = None) -> float:
+    """Training FLOPs per token for MFU: 2 per weight use forward, 4 more backward for weights that train
+    (the frozen LMs only run forward); character-level weights (the character CNN's filters at each
+    window, the character BiLSTM at each character) are used once per character; lookups are free; the
+    modules of `skip` (LMs whose embeddings were cached) are not counted."""
+    char_level = {id(m) for enc in model.modules() if isinstance(enc, (CharCNN, CharLSTM)) for m in enc.modules()}
+    skipped = {id(m) for m in skip.modules()} if skip is not None else set()
+    flops = 0.0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.LSTM, nn.Conv1d)) and id(m) not in skipped:
+            weights = sum(p.numel() for name, p in m.named_parameters() if "weight" in name)
+            trains = any(p.requires_grad for p in m.parameters())
+            flops += (6 if trains else 2) * weights * (chars_per_token if id(m) in char_level else 1)
+    return flops
 
 
 def build_model(cfg: Config, vocab_size: int) -> LanguageModels:
@@ -1057,11 +1102,27 @@ class MetricsLog:
               flush=True)
 
 
+# Copied from gpt.py: measure_peak_flops
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul FLOP/s of this device in this dtype: the denominator of MFU."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: resume stays exact
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ a
+    sync()
+    reps, t0 = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
 def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, evaluate, total_steps: int,
-                 lr: float, schedule, extra: dict, tokens_per_step: int, fields: tuple, best_key: str,
-                 patience: int) -> dict:
-    """The loop of both stages: Adam(W) + schedule, clipping, bf16/fp16 autocast, evaluation, atomic
-    checkpoints and exact resume. The best model by `best_key` (f1: higher is better; loss: lower) is
+                 lr: float, schedule, extra: dict, tokens_per_step: int, flops_per_token: float, fields: tuple,
+                 best_key: str, patience: int) -> dict:
+    """The loop of both stages: Adam(W) + schedule, accumulation with DDP sync on the last micro-step,
+    clipping, bf16/fp16 autocast, evaluation, atomic checkpoints and exact resume. The best model by `best_key` (f1: higher is better; loss: lower) is
     kept in the checkpoint; with patience > 0 training stops after that many evaluations without a
     new best (early stopping)."""
     device, dtype, ctx = setup_device(cfg)
@@ -1096,9 +1157,10 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
     parts = [m for m in (getattr(raw, "fwd", None), getattr(raw, "bwd", None)) if m is not None] or [raw]
+    peak = measure_peak_flops(device, dtype) if rank == 0 else 1.0
 
-    def checkpoint():
-        data = [sampler.state_dict()]
+    def checkpoint(data_state=None, rng=None):
+        data = [data_state or sampler.state_dict()]
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, data[0])
@@ -1107,7 +1169,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
             save_checkpoint(out / "ckpt.pt", {
                 "script": "taglm.py", "stage": stage, "model": raw.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "data": data,
-                "rng": rng_state(), "config": dataclasses.asdict(cfg), "best": best, "best_model": best_model,
+                "rng": rng or rng_state(), "config": dataclasses.asdict(cfg), "best": best, "best_model": best_model,
                 "bad_evals": bad_evals, **extra})
 
     def run_eval():
@@ -1126,18 +1188,22 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
         return metrics
 
     t0 = t_last = time.time()
+    at_step_start = (None, None)
     start_step, metrics = step, {}
     stop = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     model.train()
     try:
         while step < stop:
-            batch = {k: v.to(device) for k, v in next(sampler).items()}
-            with ctx:
-                loss = loss_fn(model, batch)
+            at_step_start = sampler.state_dict(), rng_state()  # what Ctrl-C saves mid-step
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in next(sampler).items()}
+                sync = micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), ctx:
+                    loss = loss_fn(model, batch)
+                    scaler.scale(loss / cfg.grad_accum).backward()
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at step {step}; stopped, the last good "
                                 f"checkpoint is {out / 'ckpt.pt'} (try a lower --lr)")
-            scaler.scale(loss).backward()
             scaler.unscale_(opt)
             if cfg.grad_clip > 0:
                 for part in parts:  # each LM on its own; the tagger as a whole
@@ -1147,13 +1213,14 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
+            at_step_start = (None, None)  # the step is complete: Ctrl-C from here saves the current state
             if step % cfg.log_interval == 0 or step == stop:
                 now = time.time()
                 n = (step - start_step - 1) % cfg.log_interval + 1
+                tok_s = n * tokens_per_step / max(now - t_last, 1e-9)
                 eta = (now - t0) / (step - start_step) * (stop - step)
-                log(step=step, split="train", loss=loss.item(), lr=sched.get_last_lr()[0],
-                    tok_s=round(n * tokens_per_step * world / max(now - t_last, 1e-9)),
-                    elapsed=round(now - t0, 1), eta=round(eta, 1))
+                log(step=step, split="train", loss=loss.item(), lr=sched.get_last_lr()[0], tok_s=round(tok_s),
+                    mfu=tok_s * flops_per_token / world / peak, elapsed=round(now - t0, 1), eta=round(eta, 1))
                 t_last = now
             if step % cfg.eval_interval == 0 or step == stop:
                 metrics = run_eval() if rank == 0 else {}
@@ -1165,7 +1232,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
                     log0(f"early stopping at step {step}: no better dev {best_key} in {patience} evaluations")
                     break
     except KeyboardInterrupt:
-        checkpoint()
+        checkpoint(*at_step_start)
         log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
         return {"step": step, "interrupted": True}
     if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
@@ -1215,7 +1282,8 @@ def pretrain_lm(cfg: Config) -> dict:
 
     return run_training(cfg, "pretrain-lm", model, sampler, pretrain_loss, evaluate, cfg.lm_total_steps,
                         cfg.lm_lr, lr_lambda(cfg.lm_warmup_steps, cfg.lm_total_steps, 0.0, "cosine"),
-                        {"lm_vocab": vocab}, cfg.lm_batch_size * cfg.lm_block_size, LM_FIELDS, "loss", 0)
+                        {"lm_vocab": vocab}, cfg.lm_batch_size * cfg.lm_block_size * cfg.grad_accum * world,
+                        flops_per_token(model, train.chars_per_token), LM_FIELDS, "loss", 0)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1293,8 +1361,18 @@ def tag(cfg: Config) -> dict:
         for w, v in glove.items():
             model.words.weight[words[w]] = v
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if lms is not None and cfg.cache_lm:
+        if cfg.resume:  # the LMs' weights are the checkpoint's (run_training loads the rest)
+            model.load_state_dict(ckpt["model"])
+        device, _, ctx = setup_device(cfg)
+        model.to(device)
+        t0 = time.time()
+        data = {split: (cache_lm_embeddings(model, ex, cfg.batch_size, device, ctx), gold)
+                for split, (ex, gold) in data.items()}
+        log0(f"LM embeddings of all {sum(len(ex) for ex, _ in data.values()):,} sentences cached in "
+             f"{time.time() - t0:.0f}s (--no-cache_lm recomputes them in every step)")
     sampler = EpochSampler(data["train"][0], cfg.batch_size, cfg.seed, rank, world)
-    total = sampler.per_epoch * cfg.epochs
+    total = max(1, sampler.per_epoch * cfg.epochs // cfg.grad_accum)  # optimizer steps
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log0(f"tagging {name}: {len(train_s):,} train / {len(dev_s):,} dev / {len(test_s):,} test sentences, "
          f"tags {tag_list}, {len(word_list):,} words, LM embeddings: {model.insert}, {n_train / 1e6:.2f}M "
@@ -1305,11 +1383,14 @@ def tag(cfg: Config) -> dict:
         return {k: v for k, v in r.items() if k != "per_type"}
 
     fields = TAGGER_FIELDS + (LM_FIELDS if lms is not None else ())
-    mean_len = sum(len(w) for w, _, _ in data["train"][0]) / len(data["train"][0])
+    mean_len = sum(len(ex[0]) for ex in data["train"][0]) / len(data["train"][0])
+    chars = sum(int((ex[1] > 0).sum()) for ex in data["train"][0]) / (mean_len * len(data["train"][0]))
+    flops = flops_per_token(model, chars, skip=lms if cfg.cache_lm else None)  # cached LMs: nothing per step
     summary = run_training(cfg, "tag", model, sampler, lambda m, b: m(b), evaluate, total, cfg.lr,
                            lambda step: 1.0, {"words": word_list, "tags": tag_list,
                                               "lm_vocab_size": lms.fwd.softmax.out_features if lms else 0},
-                           round(cfg.batch_size * mean_len), fields, "f1", cfg.patience)
+                           round(cfg.batch_size * mean_len * cfg.grad_accum * world), flops, fields, "f1",
+                           cfg.patience)
     if summary.get("interrupted") or rank:
         return summary
     best = load_checkpoint(str(out / "ckpt.pt"))["best_model"]

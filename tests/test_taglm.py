@@ -1,5 +1,6 @@
 """taglm.py: the CRF against brute force and pytorch-crf, span F1 against seqeval, tag schemes, the frozen
 LMs, the concatenation sizes, resume, errors, CoNLL reading, and the cross-model property rows."""
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -381,6 +382,99 @@ def test_resume_equals_uninterrupted(lm_ckpt, tmp_path):
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_the_lm_cache_equals_uninterrupted(lm_ckpt, tmp_path):
+    common = ["--init_from", str(lm_ckpt), "--eval_interval", "3", "--no-cache_lm"]
+    a = taglm.main(tag_args(tmp_path / "a", *common, "--max_steps", "6"))
+    taglm.main(tag_args(tmp_path / "b", *common, "--max_steps", "3"))
+    b = taglm.main(tag_args(tmp_path / "b", *common, "--max_steps", "6", "--resume"))
+    assert a["test_f1"] == b["test_f1"] and a["loss"] == b["loss"]
+
+
+@given(seed=st.integers(0, 50), n=st.integers(1, 9))
+def test_cached_lm_embeddings_equal_computed_ones(seed, n):
+    """The cache (sentences batched by length) gives each sentence the LM embeddings that computing them
+    inside its own training batch (other sentences, other padding) gives."""
+    model = tiny_tagger(seed)
+    model.lms.train()  # even so, the cache must run the LMs without dropout
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 8, (n,), generator=g)
+    word_ids = ids(seed, n, int(lengths.max()))
+    examples = [(word_ids[i, :k] + 2, chars_of(word_ids[i:i + 1, :k])[0], torch.zeros(k, dtype=torch.long))
+                for i, k in enumerate(lengths.tolist())]
+    cached = taglm.cache_lm_embeddings(model, examples, 3, torch.device("cpu"), contextlib.nullcontext())
+    batch = taglm.collate(examples)
+    assert not taglm.Tagger(TINY, len(WORDS) + 2, TAGS, tiny_lms(seed).train()).lms.training  # frozen = eval
+    with torch.no_grad():
+        direct = model.lm_embeddings(batch["chars"], batch["lengths"])
+        with_cache = taglm.collate(cached)
+        assert torch.allclose(with_cache["lm"], direct * batch["mask"][..., None], atol=1e-6)
+        model.eval()
+        assert torch.allclose(model.emissions(with_cache), model.emissions(batch), atol=1e-5)
+
+
+def test_ctrl_c_mid_step_saves_the_step_start_and_resume_continues(lm_ckpt, tmp_path, monkeypatch):
+    """Ctrl-C inside a step saves the data position and RNG from the step's start, so the resumed run
+    redoes that step and ends where an uninterrupted run ends."""
+    common = ["--init_from", str(lm_ckpt), "--eval_interval", "4", "--max_steps", "8", "--dropout", "0.3"]
+    full = taglm.main(tag_args(tmp_path / "a", *common))
+    real, calls = taglm.Tagger.forward, {"n": 0}
+
+    def interrupt_in_step_6(self, batch):
+        calls["n"] += self.training
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(taglm.Tagger, "forward", interrupt_in_step_6)
+    assert taglm.main(tag_args(tmp_path / "b", *common)) == {"step": 5, "interrupted": True}
+    monkeypatch.setattr(taglm.Tagger, "forward", real)
+    resumed = taglm.main(tag_args(tmp_path / "b", *common, "--resume"))
+    assert resumed["loss"] == full["loss"] and resumed["test_f1"] == full["test_f1"]
+
+
+def test_gradient_accumulation_equals_one_big_batch(lm_ckpt, tmp_path, monkeypatch):
+    """Two micro-batches of 4 (loss divided by 2) give the update of one batch of 8: same sentences,
+    since the epoch's permutation is cut into consecutive batches; dropout off so no RNG differs. Plain
+    SGD, whose update is linear in the gradient (Adam's first steps are lr * sign(g), which turns float
+    noise in near-zero gradients into lr-sized differences)."""
+    monkeypatch.setattr(taglm, "make_optimizer", lambda model, lr, *_: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=lr))
+    common = ["--init_from", str(lm_ckpt), "--eval_interval", "2", "--max_steps", "2", "--dropout", "0",
+              "--lr", "0.5"]
+    taglm.main(tag_args(tmp_path / "big", *common, "--batch_size", "8"))
+    taglm.main(tag_args(tmp_path / "acc", *common, "--batch_size", "4", "--grad_accum", "2"))
+    taglm.main(tag_args(tmp_path / "small", *common, "--batch_size", "4"))
+    a, b, c = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in ("big", "acc", "small"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not torch.allclose(a["out.weight"], c["out.weight"], atol=1e-5)  # batches of 4 alone differ
+
+
+def test_training_logs_mfu(lm_ckpt, tmp_path):
+    taglm.main(tag_args(tmp_path, "--init_from", str(lm_ckpt), "--max_steps", "2", "--log_interval", "1"))
+    train = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert train and all(0 < r["mfu"] < 1 and r["tok_s"] > 0 for r in train)
+
+
+def test_flops_count_each_weight_use():
+    """2 per frozen weight, 6 per trained one, character-level weights once per character."""
+    model = tiny_tagger(0)
+    n = lambda mods: sum(p.numel() for m in mods for k, p in m.named_parameters() if "weight" in k)  # noqa: E731
+    lm_mods = [m for m in model.lms.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LSTM, torch.nn.Conv1d))]
+    char = [m for m in model.chars.modules() if isinstance(m, torch.nn.Conv1d)]
+    lm_char = [m for m in lm_mods if isinstance(m, torch.nn.Conv1d)]
+    word = [model.layer1, model.layer2, model.out]
+    expect = 6 * (n(word) + 5 * n(char)) + 2 * (n(set(lm_mods) - set(lm_char)) + 5 * n(lm_char))
+    assert taglm.flops_per_token(model, 5.0) == expect
+    assert taglm.flops_per_token(model, 5.0, skip=model.lms) == 6 * (n(word) + 5 * n(char))
+
+
+@pytest.mark.slow
+def test_compiled_tagger_checkpoint_has_plain_names(lm_ckpt, tmp_path):
+    out = taglm.main(tag_args(tmp_path, "--init_from", str(lm_ckpt), "--max_steps", "2", "--compile"))
+    names = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"].keys()
+    assert 0 <= out["test_f1"] <= 1 and not any("_orig_mod" in k for k in names) and "crf.transitions" in names
 
 
 def test_lm_pretraining_resume_equals_uninterrupted(tmp_path):
