@@ -757,7 +757,10 @@ class Classifier(nn.Module):
             list(self.head.parameters())]
 
     def flops_per_token(self) -> float:
-        return 6 * sum(p.numel() for r in self.encoder.rnns for p in r.parameters())
+        """2 per LSTM weight forward, 4 more backward for the unfrozen ones only: gradual unfreezing
+        freezes the lower LSTMs, and nothing below a frozen one needs a backward pass (the head and the
+        positions BPT3C runs without gradients are left out)."""
+        return sum((6 if p.requires_grad else 2) * p.numel() for r in self.encoder.rnns for p in r.parameters())
 
 
 def concat_pool(H, start, lengths):
@@ -1000,7 +1003,6 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
     at_step_start = (None, None)
     start_step, metrics = step, {}
     stop = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    flops = raw.flops_per_token()
     model.train()
     try:
         while step < stop:
@@ -1039,7 +1041,7 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
                 tok_s = k * tokens_per_step / max(now - t_last, 1e-9)
                 eta = (now - t0) / (step - start_step) * (stop - step)
                 log(step=step, split="train", loss=loss.item(), lr=opt.param_groups[-1]["lr"],
-                    tok_s=round(tok_s), mfu=tok_s * flops / world / peak, elapsed=round(now - t0, 1),
+                    tok_s=round(tok_s), mfu=tok_s * raw.flops_per_token() / world / peak, elapsed=round(now - t0, 1),
                     eta=round(eta, 1))
                 t_last = now
             if step % cfg.eval_interval == 0 or step == stop:

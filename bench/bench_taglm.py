@@ -1,10 +1,10 @@
 """Benchmarks for taglm.py (results in bench/RESULTS.md).
 
   python bench/bench_taglm.py crf                    # CRF loss + Viterbi vs pytorch-crf, same batch, ratio
-  python bench/bench_taglm.py quality --lm_steps N --tag_steps M [--shared ../shared/data]
+  python bench/bench_taglm.py quality [--lm_minutes 15] [--tag_minutes 20] [--shared ../shared/data]
       CoNLL-2003 test F1 of the tagger with the LM embeddings and of the same tagger without them (same
-      seed, same steps). The LMs are pretrained for N steps on WikiText-2 train plus the CoNLL-2003 training
-      sentences (never dev or test). Times are wall and CPU seconds of this process.
+      seed), each within tag_minutes of CPU. The LMs are pretrained for lm_minutes of CPU on WikiText-2
+      train plus the CoNLL-2003 training sentences (never dev or test). Times are wall and CPU seconds.
 """
 import argparse
 import statistics
@@ -61,7 +61,27 @@ def bench_crf(repeats: int = 7, B: int = 32, T: int = 40, N: int = 17) -> None:
           f"{m_theirs / m_ours:.2f}x (median of {repeats}); same Viterbi paths: {agree}")
 
 
-def bench_quality(shared: Path, lm_steps: int, tag_steps: int, preset: str, out: Path) -> None:
+def cpu_per_call(fn_owner, name: str, run) -> list[float]:
+    """Process-time gaps between successive calls of fn_owner.name while run() executes."""
+    real, stamps = getattr(fn_owner, name), []
+
+    def timed(*a, **k):
+        stamps.append(time.process_time())
+        return real(*a, **k)
+
+    setattr(fn_owner, name, timed)
+    try:
+        run()
+    finally:
+        setattr(fn_owner, name, real)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def bench_quality(shared: Path, lm_minutes: float, tag_minutes: float, preset: str, out: Path) -> None:
+    """LMs for lm_minutes of CPU on WikiText-2 train + CoNLL-2003 train; then each tagger (with the LMs
+    after layer 1, and without) for at most tag_minutes of CPU: a short probe run measures the CPU of a
+    training step and of one dev evaluation, and the number of steps is chosen to fit (evaluating on
+    dev once per epoch, early stopping keeping the best dev model, as the paper)."""
     wt2, conll = shared / "wikitext-2", shared / "conll2003"
     corpus = out / "lm-text"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -69,34 +89,50 @@ def bench_quality(shared: Path, lm_steps: int, tag_steps: int, preset: str, out:
     conll_text = "\n".join(" ".join(words) for words, _ in train)
     (corpus / "train.txt").write_text((wt2 / "train.txt").read_text() + "\n" + conll_text + "\n")
     (corpus / "valid.txt").write_text((wt2 / "valid.txt").read_text())
+    lm_args = ["pretrain-lm", "--preset", preset, "--data", str(corpus), "--dtype", "float32"]
+    gaps = cpu_per_call(taglm, "pretrain_loss", lambda: taglm.main(
+        lm_args + ["--out_dir", str(out / "probe-lm"), "--lm_total_steps", "12", "--eval_interval", "12"]))
+    lm_steps = int(lm_minutes * 60 * 0.95 / statistics.median(gaps[2:]))
     results = {}
     t0, c0 = time.time(), time.process_time()
-    lm = taglm.main(["pretrain-lm", "--preset", preset, "--data", str(corpus), "--out_dir", str(out / "lm"),
-                     "--lm_total_steps", str(lm_steps), "--eval_interval", str(lm_steps), "--log_interval",
-                     str(max(1, lm_steps // 4))])
+    lm = taglm.main(lm_args + ["--out_dir", str(out / "lm"), "--lm_total_steps", str(lm_steps), "--eval_interval",
+                               str(lm_steps), "--log_interval", str(max(1, lm_steps // 10))])
     results["lm"] = (time.time() - t0, time.process_time() - c0, lm)
+    per_epoch = len(train) // taglm.PRESETS[preset].batch_size
     for insert in ("layer1", "none"):
+        args = ["tag", "--preset", preset, "--tag_data", str(conll), "--lm_insert", insert, "--dtype", "float32",
+                "--init_from", str(out / "lm" / "ckpt.pt"), "--epochs", "1000", "--patience", "0"]
         t0, c0 = time.time(), time.process_time()
-        r = taglm.main(["tag", "--preset", preset, "--tag_data", str(conll), "--out_dir", str(out / insert),
-                        "--lm_insert", insert, "--init_from", str(out / "lm" / "ckpt.pt"), "--epochs", "100",
-                        "--max_steps", str(tag_steps), "--eval_interval", str(tag_steps), "--log_interval",
-                        str(max(1, tag_steps // 4)), "--patience", "0"])
-        results[insert] = (time.time() - t0, time.process_time() - c0, r)
+        evals = []
+        step = cpu_per_call(taglm.Tagger, "forward", lambda: evals.extend(cpu_per_call(
+            taglm, "evaluate_tagger", lambda: taglm.main(args + ["--out_dir", str(out / f"probe-{insert}"),
+                                                                "--max_steps", "30", "--eval_interval", "30"]))))
+        probe_cpu = time.process_time() - c0
+        per_step = statistics.median(step[3:-1])
+        fixed = probe_cpu - 30 * per_step  # data, LM cache, one dev and one test evaluation
+        dev_eval = evals[0]  # from the dev evaluation's start to the test evaluation's: dev + checkpoint
+        # budget = fixed + steps * per_step + (steps / per_epoch) * dev_eval, with 8% kept in reserve
+        steps = int((tag_minutes * 60 * 0.92 - fixed) / (per_step + dev_eval / per_epoch))
+        t0, c0 = time.time(), time.process_time()
+        r = taglm.main(args + ["--out_dir", str(out / insert), "--max_steps", str(steps), "--eval_interval",
+                               str(per_epoch), "--log_interval", str(per_epoch // 2)])
+        results[insert] = (time.time() - t0, time.process_time() - c0, r, steps, per_step, probe_cpu)
     wall, cpu, lm = results["lm"]
-    print(f"\nLMs ({preset}, {lm_steps} steps on WikiText-2 + CoNLL-2003 train): ppl fwd {lm['ppl_fwd']:.1f} "
-          f"bwd {lm['ppl_bwd']:.1f} on WikiText-2 valid; {wall:.0f} s wall, {cpu:.0f} s CPU")
+    print(f"\nLMs ({preset}, {lm_steps} steps on WikiText-2 + CoNLL-2003 train, budget {lm_minutes} CPU-min): "
+          f"ppl fwd {lm['ppl_fwd']:.1f} bwd {lm['ppl_bwd']:.1f} on WikiText-2 valid; {wall:.0f} s wall, {cpu:.0f} s CPU")
     for insert, label in (("layer1", "with LM embeddings (layer1)"), ("none", "without LMs (baseline)")):
-        wall, cpu, r = results[insert]
-        print(f"tagger {label}, {tag_steps} steps: dev F1 {100 * r['best_f1']:.2f}, test F1 "
-              f"{100 * r['test_f1']:.2f}; {wall:.0f} s wall, {cpu:.0f} s CPU")
+        wall, cpu, r, steps, per_step, probe = results[insert]
+        print(f"tagger {label}: {steps} steps ({steps / per_epoch:.1f} epochs, {per_step:.3f} CPU-s/step), "
+              f"budget {tag_minutes} CPU-min: dev F1 {100 * r['best_f1']:.2f}, test F1 {100 * r['test_f1']:.2f}; "
+              f"{wall:.0f} s wall, {cpu:.0f} s CPU (probe before it: {probe:.0f} s CPU)")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["crf", "quality"])
     p.add_argument("--shared", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
-    p.add_argument("--lm_steps", type=int, default=1000)
-    p.add_argument("--tag_steps", type=int, default=2000)
+    p.add_argument("--lm_minutes", type=float, default=15.0, help="CPU minutes for pretraining the two LMs")
+    p.add_argument("--tag_minutes", type=float, default=20.0, help="CPU minutes for each tagger")
     p.add_argument("--preset", default="small")
     p.add_argument("--out_dir", default="")
     args = p.parse_args()
@@ -104,7 +140,7 @@ def main():
         bench_crf()
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_quality(Path(args.shared), args.lm_steps, args.tag_steps, args.preset, Path(args.out_dir or tmp))
+            bench_quality(Path(args.shared), args.lm_minutes, args.tag_minutes, args.preset, Path(args.out_dir or tmp))
 
 
 if __name__ == "__main__":

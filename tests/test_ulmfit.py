@@ -445,3 +445,36 @@ def test_loaders_read_the_shared_datasets(shared_data):
     assert len(rows) == 25000 and Counter(l for l, _ in rows) == {"pos": 12500, "neg": 12500}
     _, tr, dev = ulmfit.load_classification(str(shared_data / "sst2"), 0)
     assert len(tr) == 67349 and len(dev) == 872
+
+
+def test_imdb_archive_is_converted_to_the_shared_layout(tmp_path, monkeypatch):
+    """`--task_data imdb` downloads aclImdb_v1.tar.gz; its review files (train/test, pos/neg, <id>_<rating>.txt,
+    the unsup split and other files ignored) become {train,test}.tsv.gz in ../shared/data/imdb's layout,
+    once, and are read back with their labels; text with a tab survives."""
+    import io
+    import tarfile
+    reviews = {"aclImdb/train/pos/0_9.txt": "Great <br />film.", "aclImdb/train/neg/3_2.txt": "Bad\tone.",
+               "aclImdb/train/pos/10_7.txt": "Fine.", "aclImdb/test/neg/1_1.txt": "Awful.",
+               "aclImdb/test/pos/2_8.txt": "Lovely.", "aclImdb/train/unsup/5_0.txt": "unlabelled",
+               "aclImdb/README": "readme"}
+    with tarfile.open(tmp_path / "aclImdb_v1.tar.gz", "w:gz") as tar:
+        for name, text in reviews.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(ulmfit, "download", lambda name, files: tmp_path)
+    name, train, test = ulmfit.load_classification("imdb", 0)
+    assert train == [("pos", "Great <br />film."), ("pos", "Fine."), ("neg", "Bad\tone.")]  # pos, neg; by id
+    assert test == [("pos", "Lovely."), ("neg", "Awful.")]
+    (tmp_path / "aclImdb_v1.tar.gz").write_bytes(b"")  # converted once: the archive is not read again
+    assert ulmfit.load_classification("imdb", 0)[1] == train
+
+
+def test_classifier_flops_count_backward_only_for_unfrozen_layers():
+    model = tiny_clf(0)
+    n = sum(p.numel() for r in model.encoder.rnns for p in r.parameters())
+    ulmfit.set_trainable(model, len(model.layer_groups()))
+    assert model.flops_per_token() == 6 * n
+    ulmfit.set_trainable(model, 1)  # the head only: the LSTMs run forward
+    assert model.flops_per_token() == 2 * n
