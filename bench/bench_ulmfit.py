@@ -150,6 +150,7 @@ def imdb(args):
                           str(s2), "--lm_tokens", str(args.lm_tokens), "--log_interval", "100"])
     for n in (100, 1000):
         common = ["classify", "--task_data", task, "--n_train", str(n), "--clf_epochs", str(args.epochs[n]),
+                  "--clf_batch_size", str(args.batch[n]),
                   "--eval_interval", "100000", "--eval_examples", str(args.eval_examples)]
         stage(f"ulmfit-{n}", common + ["--init_from", str(out / "imdb-lm" / "ckpt.pt"),
                                        "--out_dir", str(out / f"ulmfit-{n}")])
@@ -173,13 +174,18 @@ if __name__ == "__main__":
     p.add_argument("--minutes", type=float, default=None, help="budget (default 15 for ptb, 30 for imdb)")
     p.add_argument("--out_dir", default="/tmp/ulmfit-bench")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--pretrain_share", type=float, default=0.22, help="imdb: share of the budget for stage 1")
-    p.add_argument("--finetune_share", type=float, default=0.22, help="imdb: share of the budget for stage 2")
+    p.add_argument("--pretrain_share", type=float, default=0.13, help="imdb: share of the budget for stage 1")
+    p.add_argument("--finetune_share", type=float, default=0.13, help="imdb: share of the budget for stage 2")
     p.add_argument("--lm_tokens", type=int, default=2_000_000, help="imdb: IMDb text for LM fine-tuning")
-    p.add_argument("--epochs_100", type=int, default=10)
-    p.add_argument("--epochs_1000", type=int, default=5)
-    p.add_argument("--eval_examples", type=int, default=2000)
+    # 100 labels: batches of 8 for 20 epochs (240 steps; in batches of 32 an epoch is 3 steps, and 30 steps
+    # left the classifier at the class prior); 1,000 labels: batches of 32 for 3 epochs (93 steps)
+    p.add_argument("--epochs_100", type=int, default=20)
+    p.add_argument("--batch_100", type=int, default=8)
+    p.add_argument("--epochs_1000", type=int, default=3)
+    p.add_argument("--batch_1000", type=int, default=32)
+    p.add_argument("--eval_examples", type=int, default=1000)
     a = p.parse_args()
     a.epochs = {100: a.epochs_100, 1000: a.epochs_1000}
+    a.batch = {100: a.batch_100, 1000: a.batch_1000}
     a.minutes = a.minutes or (15 if a.what == "ptb" else 30)
     {"throughput": throughput, "ptb": ptb, "imdb": imdb}[a.what](a)

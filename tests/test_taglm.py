@@ -182,6 +182,22 @@ def test_crf_agrees_with_pytorch_crf(case):
     assert [row[:n] for row, n in zip(path.tolist(), mask.sum(1).tolist())] == theirs.decode(emissions, mask)
 
 
+def test_crf_stays_finite_when_tags_are_unreachable():
+    """Constraints that leave tags 1 and 2 unreachable (no allowed start, only themselves as predecessors):
+    their exp-space sums underflow, and the loss and its gradient must still be finite and log Z equal to
+    brute force."""
+    allowed = (torch.eye(3, dtype=torch.bool), torch.tensor([True, False, False]), torch.ones(3, dtype=torch.bool))
+    crf = taglm.CRF(3, allowed)
+    emissions = (3 * torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    ll = crf(emissions, torch.zeros(2, 6, dtype=torch.long), mask)
+    ll.sum().backward()
+    assert torch.isfinite(ll).all() and torch.isfinite(emissions.grad).all()
+    assert torch.allclose(ll, torch.zeros(2), atol=1e-5)  # the only allowed path has probability 1
+    for (log_z, _, _), ours in zip(brute_force(crf, emissions.detach(), mask), crf.log_partition(emissions, mask)):
+        assert torch.allclose(ours, log_z, atol=1e-4)
+
+
 def test_crf_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     crf = taglm.CRF(4).double()
