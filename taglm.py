@@ -54,7 +54,13 @@ Deliberate deviations from the paper
     sentences. The CRF loss is averaged over the sentences of a batch.
   - BIO/BIOES constraints (`--crf_constraints`, on by default) forbid invalid transitions in both the
     loss and Viterbi decoding (the paper does not say; AllenNLP constrains decoding).
-  - No MFU is logged: LSTM FLOPs depend on the packed lengths; tokens/s is.
+  - The frozen LMs run in eval mode, so a sentence's LM embeddings are the same in every epoch: `tag`
+    computes them once for every sentence before training (`--cache_lm`, on by default; a test checks
+    they equal the per-batch ones). That halves the CPU of a tagger step; `--no-cache_lm` recomputes
+    them in every step, as a literal reading of the paper would.
+  - MFU counts 2 FLOPs per weight use forward and 4 more backward for weights that train (the frozen
+    LMs only run forward; cached, they cost nothing per step); character-level weights count once per
+    character; the CRF's small recursions are left out.
 """
 
 from __future__ import annotations
