@@ -837,11 +837,13 @@ class CRF(nn.Module):
         emissions, (start, trans, end) = self._fp32(emissions), self.scores()
         exp_trans, tiny = trans.exp(), torch.finfo(emissions.dtype).tiny
         alpha = start + emissions[:, 0]  # (B, N): log-sum of the scores of all paths ending in each tag
-        for t in range(1, emissions.size(1)):
+        alphas = [alpha]
+        for e_t in emissions[:, 1:].unbind(1):  # every step for every row; each row's own last is read below
             c = alpha.detach().amax(1, keepdim=True)  # (B, 1)
-            nxt = c + ((alpha - c).exp() @ exp_trans).clamp_min(tiny).log() + emissions[:, t]  # (B, N)
-            alpha = torch.where(mask[:, t, None], nxt, alpha)
-        return torch.logsumexp(alpha + end, dim=1)
+            alpha = ((alpha - c).exp() @ exp_trans).clamp_min(tiny).log() + (c + e_t)  # (B, N)
+            alphas.append(alpha)
+        last = (mask.sum(1) - 1)[:, None, None].expand(-1, 1, emissions.size(2))  # each row's last real step
+        return torch.logsumexp(torch.stack(alphas, 1).gather(1, last).squeeze(1) + end, dim=1)
 
     def forward(self, emissions, tags, mask):  # -> log p(tags) (B,), as pytorch-crf's CRF.forward
         return self.path_score(emissions, tags, mask) - self.log_partition(emissions, mask)
@@ -853,20 +855,27 @@ class CRF(nn.Module):
         """The best path of every sequence at once: (tags (B, T), 0 at padding; their scores (B,)).
         Decoding needs no gradient, so no autograd graph is built."""
         emissions, (start, trans, end) = self._fp32(emissions), self.scores()
-        B, T, _ = emissions.shape
-        delta, back = start + emissions[:, 0], []  # delta: best score of a path ending in each tag
-        for t in range(1, T):
-            best, arg = (delta[:, :, None] + trans[None]).max(dim=1)  # over the previous tag
+        B, T, N = emissions.shape
+        delta = start + emissions[:, 0]  # (B, N): best score of a path ending in each tag
+        deltas, back = [delta], []
+        for e_t in emissions[:, 1:].unbind(1):  # every step for every row, as in log_partition
+            best, arg = (delta[:, :, None] + trans).max(dim=1)  # over the previous tag
+            delta = best + e_t
+            deltas.append(delta)
             back.append(arg)  # (B, N)
-            delta = torch.where(mask[:, t, None], best + emissions[:, t], delta)
-        score, cur = (delta + end).max(dim=1)
         last = mask.sum(1) - 1
-        path = torch.zeros(B, T, dtype=torch.long, device=emissions.device)
-        for t in range(T - 1, -1, -1):  # backtrace, each sequence from its own last position
-            if t < T - 1:
-                cur = torch.where(t < last, back[t].gather(1, cur[:, None]).squeeze(1), cur)
-            path[:, t] = cur
-        return path * mask, score
+        rows = torch.arange(B, device=emissions.device)
+        score, cur = (torch.stack(deltas, 1)[rows, last] + end).max(dim=1)
+        if T == 1:
+            return cur[:, None] * mask, score
+        # past a row's last step the backtrace must stand still: identity back-pointers there
+        after = (torch.arange(1, T, device=emissions.device)[None, :] > last[:, None])[..., None]  # (B, T-1, 1)
+        back = torch.where(after, torch.arange(N, device=emissions.device), torch.stack(back, 1))  # (B, T-1, N)
+        path = [cur]
+        for t in range(T - 2, -1, -1):  # one batched gather per step, every sequence at once
+            cur = back[:, t].gather(1, cur[:, None]).squeeze(1)
+            path.append(cur)
+        return torch.stack(path[::-1], 1) * mask, score
 
 
 class Tagger(nn.Module):
@@ -1138,9 +1147,9 @@ def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, ev
                  lr: float, schedule, extra: dict, tokens_per_step: int, flops_per_token: float, fields: tuple,
                  best_key: str, patience: int) -> dict:
     """The loop of both stages: Adam(W) + schedule, accumulation with DDP sync on the last micro-step,
-    clipping, bf16/fp16 autocast, evaluation, atomic checkpoints and exact resume. The best model by `best_key` (f1: higher is better; loss: lower) is
-    kept in the checkpoint; with patience > 0 training stops after that many evaluations without a
-    new best (early stopping)."""
+    clipping, bf16/fp16 autocast, evaluation, atomic checkpoints and exact resume. The best model by
+    `best_key` (f1: higher is better; loss: lower) is kept in the checkpoint; with patience > 0 training
+    stops after that many evaluations without a new best (early stopping)."""
     device, dtype, ctx = setup_device(cfg)
     rank, world = setup_ddp(device)
     out = Path(cfg.out_dir)
