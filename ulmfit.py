@@ -153,7 +153,7 @@ class Config:
 PRESETS = {
     "paper": Config(),
     "small": Config(emb_size=128, n_hid=384, max_vocab=12000, batch_size=32, lr=5e-3, total_steps=300,
-                    finetune_steps=100, lm_tokens=300_000, clf_batch_size=16, clf_epochs=5, n_train=500,
+                    finetune_steps=100, lm_tokens=300_000, clf_batch_size=32, clf_epochs=5, n_train=500,
                     max_len=400, eval_interval=100, eval_batches=40, log_interval=25),
     "tiny": Config(emb_size=16, n_hid=24, max_vocab=400, bptt=8, bptt_std=2.0, batch_size=4, lr=3e-3,
                    total_steps=8, finetune_steps=6, lm_tokens=4000, clf_batch_size=8, clf_epochs=3,
