@@ -154,7 +154,7 @@ PRESETS = {
     "small": Config(lm_vocab_size=10_000, lm_filters="1:32,2:32,3:64,4:128", lm_highway=1, lm_hidden=512,
                     lm_proj=128, lm_layers=1, lm_batch_size=32, lm_lr=3e-3, lm_warmup_steps=50,
                     lm_total_steps=600, char_filters=64, word_dim=50, hidden=100, batch_size=32,
-                    epochs=1, patience=4, eval_interval=150, eval_batches=20),
+                    epochs=2, patience=4, eval_interval=219, eval_batches=20),
     "tiny": Config(lm_vocab_size=500, lm_char_dim=8, lm_filters="1:8,2:8,3:16", lm_highway=1, lm_hidden=32,
                    lm_proj=16, lm_layers=1, lm_block_size=8, lm_batch_size=4, lm_lr=3e-3, lm_warmup_steps=2,
                    lm_total_steps=10, char_dim=8, char_filters=16, char_hidden=8, max_chars=16,
