@@ -1355,8 +1355,9 @@ def tag(cfg: Config) -> dict:
         ckpt = load_checkpoint(str(out / "ckpt.pt"))
         word_list, tag_list = ckpt["words"], ckpt["tags"]
         cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in LM_FIELDS + ("lm_insert",)})
-        if cfg.lm_insert != "none":
+        if cfg.lm_insert != "none":  # the frozen LMs as the checkpoint holds them
             lms = build_model(cfg, ckpt["lm_vocab_size"])
+            lms.load_state_dict({k.removeprefix("lms."): v for k, v in ckpt["model"].items() if k.startswith("lms.")})
     elif cfg.lm_insert != "none":
         if not cfg.init_from:
             raise UserError("tag needs --init_from a pretrain-lm checkpoint (python taglm.py pretrain-lm), "
@@ -1387,8 +1388,6 @@ def tag(cfg: Config) -> dict:
             model.words.weight[words[w]] = v
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if lms is not None and cfg.cache_lm:
-        if cfg.resume:  # the LMs' weights are the checkpoint's (run_training loads the rest)
-            model.load_state_dict(ckpt["model"])
         device, _, ctx = setup_device(cfg)
         model.to(device)
         t0 = time.time()
