@@ -860,7 +860,7 @@ def setup_device(cfg) -> tuple[torch.device, torch.dtype, contextlib.AbstractCon
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but MPS is not available")
     device = torch.device(name)
-    dtype = cfg.dtype
+    dtype = cfg.dtype if cfg.dtype != "auto" else os.environ.get("NLP_LINEAGE_AUTO_DTYPE", "auto")
     if dtype == "auto":
         cpu_bf16 = device.type == "cpu" and any(
             f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16")
@@ -1321,7 +1321,9 @@ def embed(cfg: Config) -> dict:
         if not line.split():
             raise UserError(f"{cfg.embed_file}:{n} is an empty sentence; remove empty lines")
     model, _, cfg = load_pretrained(cfg)
-    device, _, ctx = setup_device(cfg)
+    # The vectors are what a user keeps: `auto` computes them in fp32 (bf16 would round them away from the
+    # released model's); --dtype bfloat16 asks for the faster, rounded ones explicitly.
+    device, _, ctx = setup_device(dataclasses.replace(cfg, dtype="float32" if cfg.dtype == "auto" else cfg.dtype))
     model.to(device).eval()
     arrays = {}
     with torch.no_grad(), ctx:

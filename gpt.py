@@ -804,7 +804,7 @@ def setup_device(cfg) -> tuple[torch.device, torch.dtype, contextlib.AbstractCon
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but MPS is not available")
     device = torch.device(name)
-    dtype = cfg.dtype
+    dtype = cfg.dtype if cfg.dtype != "auto" else os.environ.get("NLP_LINEAGE_AUTO_DTYPE", "auto")
     if dtype == "auto":
         cpu_bf16 = device.type == "cpu" and any(
             f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16")

@@ -357,7 +357,7 @@ def lm_ckpt(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     summary = taglm.main(["pretrain-lm", "--preset", "tiny", "--data", "builtin", "--out_dir", str(out),
-                          "--lm_total_steps", "6", "--eval_interval", "3"])
+                          "--lm_total_steps", "6", "--eval_interval", "3", "--device", "cpu", "--dtype", "float32"])
     torch.set_num_threads(n)
     assert summary["ppl_fwd"] > 1 and summary["ppl_bwd"] > 1
     return out / "ckpt.pt"
@@ -365,7 +365,7 @@ def lm_ckpt(tmp_path_factory):
 
 def tag_args(out, *more):
     return ["tag", "--preset", "tiny", "--tag_data", "builtin", "--out_dir", str(out), "--eval_interval", "4",
-            *more]
+            "--device", "cpu", "--dtype", "float32", *more]
 
 
 def test_lms_get_no_gradient_and_do_not_change(lm_ckpt, tmp_path):
