@@ -1,62 +1,43 @@
 """GPT: generative pre-training of a Transformer decoder, then discriminative fine-tuning.
 
-Paper: Alec Radford, Karthik Narasimhan, Tim Salimans, Ilya Sutskever, "Improving Language Understanding
-by Generative Pre-Training", OpenAI 2018 (no arXiv id; the official code is openai/finetune-transformer-lm).
+Paper: Alec Radford, Karthik Narasimhan, Tim Salimans, Ilya Sutskever, "Improving Language Understanding by
+Generative Pre-Training", OpenAI 2018 (no arXiv id; the official code is openai/finetune-transformer-lm).
 
 What this file reproduces
-  - Section 3.1: a 12-layer decoder-only Transformer with masked self-attention, learned position
-    embeddings, GELU, post-LN blocks `n = LN(x + attn(x)); h = LN(n + mlp(n))`, no final LayerNorm, the
-    LM head tied to the token embedding, N(0, 0.02) init, dropout 0.1 on embeddings, attention and
-    residual branches (`arch="gpt1"`). `arch="gpt2"` is the pre-LN variant with a final LayerNorm and
-    residual projections scaled by 1/sqrt(2 n_layer) that nanoGPT made familiar.
-  - Section 4.1 pretraining: next-token cross-entropy, Adam with max lr 2.5e-4, linear warmup over 2000
+  - Section 3.1: a 12-layer decoder-only Transformer, masked self-attention, learned positions, GELU (tanh
+    form), post-LN blocks `n = LN(x + attn(x)); h = LN(n + mlp(n))`, no final LayerNorm, the LM head tied to
+    the token embedding, N(0, 0.02) init, dropout 0.1 (`--arch gpt1`); `--arch gpt2` is GPT-2's pre-LN
+    variant (a final LayerNorm, residual projections scaled by 1/sqrt(2 n_layer)) that nanoGPT made familiar.
+  - Section 4.1 pretraining: next-token cross-entropy, Adam at max lr 2.5e-4, linear warmup over 2000
     updates then cosine annealing to 0, decoupled weight decay 0.01 on matrices.
-  - Sections 3.2-3.3 fine-tuning: `[start] text [extract]`, a linear head on the final hidden state of the
-    extract token, loss L_clf + 0.5 L_LM, lr 6.25e-5, batch 32, 3 epochs, warmup over 0.2% of the steps
-    then linear decay, classifier dropout 0.1.
+  - Sections 3.2-3.3 fine-tuning: `[start] text [extract]`, a linear head on the extract token's final state,
+    loss L_clf + 0.5 L_LM, lr 6.25e-5, batch 32, 3 epochs, warmup over 0.2% of the steps, then linear decay.
 
-Run it
+Run it (`--help` lists every field, grouped by stage)
   python gpt.py                                    # main job: small preset on tiny shakespeare + samples
-  python gpt.py pretrain --data wikitext2 --out_dir out/wt2     # byte-level BPE language model
+  python gpt.py pretrain --data wikitext2 --out_dir out/wt2         # a byte-level BPE language model
   python gpt.py finetune --init_from out/wt2/ckpt.pt --finetune_data sst2 --out_dir out/sst2
-  python gpt.py sample --init_from out/gpt/pretrain/ckpt.pt --prompt "ROMEO:"
+  python gpt.py sample --init_from out/gpt/pretrain/ckpt.pt --prompt "ROMEO:"    # or hf:DIR (GPT-1/GPT-2)
   torchrun --nproc_per_node=2 gpt.py pretrain ...  # data parallel
-  python gpt.py sample --init_from hf:path/to/gpt2     # Hugging Face GPT-1 / GPT-2 weights
-
-Stages and their hyperparameters: `pretrain` uses the plain fields (lr, batch_size, warmup_steps,
-total_steps); `finetune` uses the `finetune_*` fields (the paper's section 4.1 values); `sample` uses the
-sampling fields. The main job runs `pretrain` into out_dir/pretrain, then samples from it.
 
 Deliberate deviations from the paper
-  - Tokenizer: byte-level BPE (GPT-2's) instead of GPT-1's ftfy + spaCy + character BPE with `</w>`
-    markers: it needs no external pre-tokenizer and round-trips any string. A few thousand merges here
-    instead of 40,000, since the corpora are small. Tiny shakespeare uses characters, as nanoGPT does.
-  - Embedding dropout is applied to the summed token+position embeddings (as Hugging Face does); the
-    official code drops rows of the embedding matrix itself.
-  - Data: BooksCorpus is not redistributable; the defaults are tiny shakespeare, WikiText-2 and, offline,
-    the Python documentation topics that ship with every Python (pydoc_data).
-  - Presets other than `paper` use fewer steps and smaller widths; the warmup is scaled with them.
+  - Tokenizer: byte-level BPE (GPT-2's) for GPT-1's ftfy + spaCy + character BPE: no library, any string
+    round-trips. Thousands of merges, not 40,000; none for tiny shakespeare: characters (bytes), as nanoGPT.
+  - Embedding dropout falls on the summed token+position embeddings (as Hugging Face's port); the official
+    code drops elements of the embedding matrix itself (`dropout(we)`), so its tied output layer does too.
+  - Data: BooksCorpus is not redistributable: tiny shakespeare, WikiText-2 and, offline, the Python
+    documentation that ships with Python. The paper trained 100 epochs; the `paper` preset's 100k steps of
+    64 x 512 tokens are 3.3B tokens, about 4 epochs of BooksCorpus. Smaller presets scale the warmup too.
 """
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import contextlib
-import dataclasses
-import hashlib
-import heapq
-import json
-import math
-import os
-import random
-import re
-import sys
-import time
-import urllib.request
+import argparse, atexit, contextlib, dataclasses, functools, hashlib, heapq, importlib.util, inspect, json, math, os
+import random, re, signal, sys, threading, time, typing, unicodedata, urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,159 +49,239 @@ from einops import rearrange
 # -----------------------------------------------------------------------------------------------------
 # Config
 
-
 @dataclass
 class Config:
-    # model (section 3.1 and the official code: n_layer 12, n_head 12, n_embd 768, n_ctx 512)
-    arch: str = "gpt1"  # gpt1: post-LN, no final LN (the paper); gpt2: pre-LN + final LN
+    # model (section 3.1; the official code: n_layer 12, n_head 12, n_embd 768, n_ctx 512)
+    arch: Literal["gpt1", "gpt2"] = "gpt1"  # gpt1: post-LN, no final LN (the paper); gpt2: pre-LN, final LN
     n_layer: int = 12
     n_head: int = 12
     d_model: int = 768
-    block_size: int = 512  # context length n_ctx
-    vocab_size: int = 0  # embedding rows; 0 = the tokenizer's size, larger pads (e.g. to a multiple of 64)
-    dropout: float = 0.1  # embedding, attention and residual dropout, 0.1 each (section 4.1)
-    bias: bool = True  # biases in Linear layers and LayerNorms (the paper has them)
-    # tokenizer and data
-    data: str = "shakespeare"  # shakespeare | wikitext2 | builtin | path to a text file or folder
-    tokenizer: str = "auto"  # char | bpe | auto (char for shakespeare, byte-level BPE otherwise)
+    block_size: int = 512  # the context length, n_ctx
+    vocab_size: int = 0  # embedding rows; 0: the tokenizer's size (more pads it, e.g. to a multiple of 64)
+    dropout: float = 0.1  # embedding, attention and residual dropout (section 4.1)
+    # data and tokenizer
+    data: str = "shakespeare"  # shakespeare, wikitext2, builtin, or a text file or folder
+    tokenizer: Literal["auto", "char", "bpe"] = "auto"  # auto: characters for shakespeare, else BPE
     bpe_vocab_size: int = 4096  # 256 bytes + merges + 3 special tokens (GPT-1: 40,478)
-    # pretraining (section 4.1): Adam, max lr 2.5e-4, 2000 warmup updates, cosine to 0, batch 64 x 512
+    # pretrain (section 4.1: Adam, max lr 2.5e-4, 2000 warmup updates, cosine to 0, batch 64 x 512)
     batch_size: int = 64
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2.5e-4
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # the cosine's floor
     warmup_steps: int = 2000
-    total_steps: int = 100_000  # length of the schedule (the paper: 100 epochs of BooksCorpus)
-    weight_decay: float = 0.01  # decoupled, on matrices only ("modified L2")
+    total_steps: int = 100_000  # the schedule's length: 3.3B tokens, some 4 epochs of BooksCorpus
+    weight_decay: float = 0.01  # decoupled ("modified L2"), on matrices only
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0  # the official code's max_grad_norm
-    # fine-tuning (sections 3.3 and 4.1)
-    finetune_data: str = "sst2"  # sst2 | builtin | path to a folder with train.tsv and dev.tsv
+    # finetune (sections 3.3 and 4.1)
+    finetune_data: str = "sst2"  # sst2, builtin, or a folder with train.tsv and dev.tsv
     finetune_lr: float = 6.25e-5
     finetune_batch_size: int = 32
     finetune_epochs: int = 3
-    finetune_warmup: float = 0.002  # fraction of the fine-tuning steps
-    lm_coef: float = 0.5  # lambda of L3 = L2 + lambda * L1
+    finetune_warmup: float = 0.002  # the fraction of the fine-tuning steps
+    lm_coef: float = 0.5  # lambda in L3 = L2 + lambda * L1
     clf_dropout: float = 0.1
-    # sampling
+    # sample
     prompt: str = "\n"
     num_samples: int = 3
     max_new_tokens: int = 300
-    temperature: float = 0.8
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1.0 = no nucleus filter
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
     # run control
     out_dir: str = "out/gpt"
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False
-    seed: int = 1337
+    init_from: str = ""  # a gpt.py checkpoint, or hf:DIR with Hugging Face GPT-1 or GPT-2 weights
+    resume: bool = False  # continue the run in out_dir exactly
+    max_steps: int = 0  # stop this run at this step (0: run the whole schedule)
     eval_interval: int = 500
-    eval_batches: int = 20  # batches of the validation split per evaluation; 0 = the whole split
+    eval_batches: int = 20  # validation batches per evaluation, spread over the split (0: all)
     log_interval: int = 50
-    max_steps: int = 0  # stop this run early at this step (0 = run the whole schedule)
-    resume: bool = False
-    init_from: str = ""  # a checkpoint (ckpt.pt), or hf:DIR for Hugging Face GPT-1/GPT-2 weights
-
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; master weights stay fp32
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
 
 PRESETS = {
     "paper": Config(),
     "small": Config(n_layer=4, n_head=4, d_model=128, block_size=64, dropout=0.0, batch_size=24, lr=1e-3,
                     min_lr=1e-4, warmup_steps=100, total_steps=3000, weight_decay=0.1, beta2=0.99,
                     bpe_vocab_size=2048, eval_interval=500, log_interval=100, finetune_lr=1e-4),
-    "tiny": Config(n_layer=2, n_head=2, d_model=32, block_size=32, dropout=0.1, batch_size=8, lr=3e-3,
-                   warmup_steps=5, total_steps=40, bpe_vocab_size=300, eval_interval=20, eval_batches=4,
-                   log_interval=10, num_samples=1, max_new_tokens=20, finetune_lr=1e-3,
-                   finetune_batch_size=8, finetune_epochs=1),
+    "tiny": Config(n_layer=2, n_head=2, d_model=32, block_size=32, dropout=0.1, batch_size=8, lr=3e-3, warmup_steps=5,
+                   total_steps=40, bpe_vocab_size=300, eval_interval=20, eval_batches=4, log_interval=10, num_samples=1,
+                   max_new_tokens=20, finetune_lr=1e-3, finetune_batch_size=8, finetune_epochs=1),
 }
-ARCH_FIELDS = ("arch", "n_layer", "n_head", "d_model", "block_size", "vocab_size", "bias")
-STAGES = ("pretrain", "sample", "finetune")
-
-
-class UserError(Exception):
-    """Bad input: main() prints it as one line `error: ...` and exits with status 2."""
-
+ARCH_FIELDS = ("arch", "n_layer", "n_head", "d_model", "block_size", "vocab_size")
 
 def validate(cfg: Config) -> None:
-    if cfg.arch not in ("gpt1", "gpt2"):
-        raise UserError(f"--arch must be gpt1 or gpt2, not {cfg.arch!r}")
-    for name in ("n_layer", "n_head", "d_model", "block_size", "batch_size", "grad_accum", "total_steps",
-                 "finetune_batch_size", "finetune_epochs", "eval_interval", "log_interval"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("vocab_size", "warmup_steps", "max_steps", "eval_batches", "top_k", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    if cfg.d_model % cfg.n_head:
-        raise UserError(f"--n_head {cfg.n_head} must divide --d_model {cfg.d_model}")
-    for name in ("dropout", "clf_dropout"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature must not be negative, got {cfg.temperature}")
-    if not (cfg.lr > 0 and cfg.finetune_lr > 0 and 0 <= cfg.min_lr <= cfg.lr):
-        raise UserError("learning rates must be positive, with 0 <= --min_lr <= --lr")
-    if cfg.tokenizer not in ("auto", "char", "bpe"):
-        raise UserError(f"--tokenizer must be auto, char or bpe, not {cfg.tokenizer!r}")
-    if cfg.bpe_vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(f"--bpe_vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu, cuda or mps, not {cfg.device!r}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {cfg.dtype!r}")
-
+    for name in ("n_layer", "n_head", "d_model", "block_size", "batch_size", "grad_accum", "total_steps", "lr",
+                 "finetune_lr", "finetune_batch_size", "finetune_epochs", "eval_interval", "log_interval"):
+        require(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("vocab_size", "warmup_steps", "max_steps", "eval_batches", "top_k", "weight_decay", "temperature"):
+        require(getattr(cfg, name) >= 0, f"--{name} must not be negative, got {getattr(cfg, name)}")
+    require(cfg.d_model % cfg.n_head == 0, f"--n_head {cfg.n_head} must divide --d_model {cfg.d_model}")
+    require(0 <= cfg.dropout < 1 and 0 <= cfg.clf_dropout < 1 and 0 < cfg.top_p <= 1 and 0 <= cfg.min_lr <= cfg.lr,
+            "--dropout and --clf_dropout must be in [0, 1), --top_p in (0, 1], --min_lr in [0, --lr]")
+    require(cfg.bpe_vocab_size >= 259, "--bpe_vocab_size must be at least 259 (256 bytes and 3 special tokens)")
 
 # -----------------------------------------------------------------------------------------------------
-# Tokenizers: characters (tiny shakespeare, as nanoGPT) and byte-level BPE (GPT-2's form of GPT's BPE)
+# Model (section 3.1)
 
+class CausalSelfAttention(nn.Module):
+    """Masked multi-head self-attention with one fused QKV projection and an optional KV cache."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.dropout, self.resid_drop = cfg.n_head, cfg.dropout, nn.Dropout(cfg.dropout)
+        self.qkv, self.proj = nn.Linear(cfg.d_model, 3 * cfg.d_model), nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x, cache=None):
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        if cache is not None:  # cache: [k, v] of the earlier positions, extended in place
+            if cache[0] is not None:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[0], cache[1] = k, v
+        T, S = q.size(2), k.size(2)  # the new queries see all S keys up to their own position
+        causal = None if T == S else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=T == S,  # softmax(QK^T/sqrt(d))V
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(rearrange(y, "b h t d -> b t (h d)")))
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))  # the official code's GELU
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.pre_ln = cfg.arch == "gpt2"
+        self.ln_1, self.attn = nn.LayerNorm(cfg.d_model, eps=1e-5), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model, eps=1e-5), MLP(cfg)
+
+    def forward(self, x, cache=None):
+        if self.pre_ln:  # GPT-2: x + f(LN(x))
+            x = x + self.attn(self.ln_1(x), cache)
+            return x + self.mlp(self.ln_2(x))
+        n = self.ln_1(x + self.attn(x, cache))  # GPT-1: n = LN(x + a); h = LN(n + m)
+        return self.ln_2(n + self.mlp(n))
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        require(cfg.vocab_size > 0, "--vocab_size must be positive (the tokenizer sets it when data is loaded)")
+        self.cfg, self.drop = cfg, nn.Dropout(cfg.dropout)
+        self.wte, self.wpe = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=1e-5) if cfg.arch == "gpt2" else None
+        for name, p in self.named_parameters():  # N(0, 0.02) (section 4.1), biases 0, LayerNorm gains 1
+            if p.dim() == 2:  # GPT-2 scales its residual projections down by sqrt(2 n_layer)
+                nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.n_layer) if self.ln_f and "proj" in name else 1))
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def hidden(self, idx, cache=None):
+        """Final hidden states h_n (B, T, C); with a cache, idx continues the cached positions."""
+        start = 0 if cache is None or cache[0][0] is None else cache[0][0].size(2)
+        require(start + idx.size(1) <= self.cfg.block_size, f"a sequence of {start + idx.size(1)} tokens is longer "
+                f"than the context of {self.cfg.block_size}; use --block_size or a shorter input")
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device)))  # h_0
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i])  # h_l = transformer_block(h_{l-1})   (B, T, C)
+        return x if self.ln_f is None else self.ln_f(x)
+
+    def forward(self, idx, cache=None):
+        """Next-token logits (B, T, V): h_n W_e^T, the output layer tied to the token embedding."""
+        return self.hidden(idx, cache) @ self.wte.weight.T
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the weights plus 12 L T C for attention (PaLM appendix B)."""
+        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.block_size * self.cfg.d_model
+
+build_model = GPT
+
+# -----------------------------------------------------------------------------------------------------
+# Objective: next-token cross-entropy, L1 (eq. 1), in fp32 even under autocast
+
+def pretrain_loss(model, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["input_ids"]).float().flatten(0, 1), batch["targets"].flatten())
+
+# -----------------------------------------------------------------------------------------------------
+# Downstream: classification fine-tuning (sections 3.2-3.3), and sampling
+
+class GPTClassifier(nn.Module):
+    """[start] text [extract] -> the final hidden state at the extract token -> dropout -> linear (W_y)."""
+
+    def __init__(self, gpt: GPT, n_classes: int, clf_dropout: float):
+        super().__init__()
+        self.gpt, self.drop, self.head = gpt, nn.Dropout(clf_dropout), nn.Linear(gpt.cfg.d_model, n_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids, lengths):
+        """ids (B, T) right-padded (causal attention keeps padding out), the last real one [extract] -> logits."""
+        h = self.gpt.hidden(ids)  # (B, T, C)
+        h_extract = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C)
+        return self.head(self.drop(h_extract)), h @ self.gpt.wte.weight.T
+
+def finetune_loss(model: GPTClassifier, batch: dict, lm_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """L3 = L2 + lambda * L1 (eq. 5), L1 averaged over each sequence's text, then over the batch (as officially)."""
+    clf_logits, lm_logits = model(batch["input_ids"], batch["lengths"])
+    clf = F.cross_entropy(clf_logits.float(), batch["labels"])
+    real = torch.arange(batch["input_ids"].size(1) - 1, device=clf.device) < (batch["lengths"][:, None] - 1)
+    lm = F.cross_entropy(lm_logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return clf + lm_coef * ((lm * real).sum(1) / real.sum(1)).mean(), clf_logits
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0,
+             use_cache=True) -> torch.Tensor:
+    """Extend idx (B, T) by max_new_tokens (temperature 0: greedy), one token a step through the KV cache; a full
+    context slides, and learned absolute positions then need a fresh pass over the last block_size tokens."""
+    was_training, block, cache = model.training, model.cfg.block_size, None
+    model.eval()
+    for _ in range(max_new_tokens):
+        if cache is None or cache[0][0].size(2) == block:  # (re)start: a fresh pass over the window
+            cache = [[None, None] for _ in model.blocks] if use_cache else None
+            logits = model(idx[:, -block:], cache)[:, -1].float()
+        else:
+            logits = model(idx[:, -1:], cache)[:, -1].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1)
+        idx = torch.cat([idx, nxt], dim=1)
+    model.train(was_training)
+    return idx
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.size(-1))).values[:, -1:], -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the tokens after the mass already reached top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return logits
+
+# -----------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE (GPT-2's form of GPT's BPE); with no merges it reads characters (bytes)
 SPECIAL_TOKENS = ("<|start|>", "<|delimiter|>", "<|extract|>")  # section 3.3's input transformations
-
-
-class CharTokenizer:
-    """One id per character seen in training; characters never seen map to the unknown id 0."""
-
-    def __init__(self, chars: list[str]):
-        self.itos = ["\0"] + list(chars)  # id 0: unknown (never a character of the training text)
-        self.stoi = {c: i for i, c in enumerate(self.itos) if i}
-        self.unseen: Counter = Counter()
-
-    @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text) - {"\0"}))
-
-    def __len__(self):
-        return len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        ids = [self.stoi.get(c, 0) for c in text]
-        if 0 in ids:
-            self.unseen.update(c for c in text if c not in self.stoi)
-        return ids
-
-    def decode(self, ids) -> str:
-        return "".join(self.itos[i] if 0 < i < len(self.itos) else "\ufffd" for i in ids)
-
-    def state(self) -> dict:
-        return {"kind": "char", "chars": self.itos[1:]}
-
-
-# GPT-2's pre-tokenizer with the standard library's `re`: contractions, letters, digits, other symbols,
-# whitespace; a space sticks to the word after it. BPE merges never cross these pieces. Same pieces as
-# GPT-2's regex on ASCII; every character falls in exactly one class, so nothing is ever dropped.
-PRETOKENIZE = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
-
+# GPT-2's pre-tokenizer in `re`: contractions, letters (\p{L}), numbers (\p{N}: also numerals outside \d, as "x²"),
+# other symbols (with \x1c-\x1f, which `re` counts as \s), whitespace; a space joins the word after it.
+NUMERALS = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if unicodedata.category(c) in ("Nl", "No"))
+PRETOKENIZE = re.compile(rf"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_{NUMERALS}]+| ?[\d{NUMERALS}]+| ?(?:[^\s\w]|[_\x1c-\x1f])+"
+                         r"|[^\S\x1c-\x1f]+(?![\S\x1c-\x1f])|[^\S\x1c-\x1f]+")  # merges never cross these pieces
 
 class ByteBPE:
-    """Byte-level BPE: every string is its UTF-8 bytes, merged pairwise in the order the merges were learned.
-
-    `pieces[i]` are the bytes of token i: by default the 256 bytes, then one token per merge, then the
-    special tokens. Training counts symbol pairs over word *types* weighted by their frequency and updates
-    those counts incrementally after each merge (a heap with lazy deletion finds the most frequent pair),
-    so a few thousand merges over WikiText-2 take seconds. Ties break towards the smaller pair of ids.
-    """
+    """A string is its UTF-8 bytes, merged pairwise in the order the merges were learned; `pieces[i]` are token i's
+    bytes (256 bytes, then one token per merge), then come the special tokens. Training counts pairs over word
+    types and updates the counts after each merge (a heap finds the top pair): WikiText-2 in seconds."""
 
     def __init__(self, merges: list, specials: tuple = (), pieces: list | None = None):
         if pieces is None:
@@ -240,10 +301,8 @@ class ByteBPE:
     @classmethod
     def train(cls, text: str, vocab_size: int, specials: tuple = ()) -> "ByteBPE":
         words = Counter(PRETOKENIZE.findall(text))
-        seqs = [list(w.encode("utf-8")) for w in words]
-        freqs = list(words.values())
-        pair_count: Counter = Counter()
-        where: dict[tuple[int, int], set[int]] = {}
+        seqs, freqs = [list(w.encode("utf-8")) for w in words], list(words.values())
+        pair_count, where = Counter(), {}  # pair -> frequency, pair -> the words holding it
         for i, (s, f) in enumerate(zip(seqs, freqs)):
             for pair in zip(s, s[1:]):
                 pair_count[pair] += f
@@ -255,17 +314,15 @@ class ByteBPE:
             neg, pair = heapq.heappop(heap)
             if pair_count.get(pair, 0) != -neg:
                 continue  # a stale heap entry: its count changed since it was pushed
-            new = 256 + len(merges)
             merges.append(pair)
             changed = set()
-            for i in where.pop(pair):
-                s, f = seqs[i], freqs[i]
-                for p in zip(s, s[1:]):  # take this word's pairs out, merge, put the new ones in
-                    pair_count[p] -= f
+            for i in where.pop(pair):  # take each word's pairs out, merge, put the new ones in
+                for p in zip(seqs[i], seqs[i][1:]):
+                    pair_count[p] -= freqs[i]
                     changed.add(p)
-                seqs[i] = s = cls._merge(s, pair, new)
-                for p in zip(s, s[1:]):
-                    pair_count[p] += f
+                seqs[i] = cls._merge(seqs[i], pair, 255 + len(merges))
+                for p in zip(seqs[i], seqs[i][1:]):
+                    pair_count[p] += freqs[i]
                     where.setdefault(p, set()).add(i)
                     changed.add(p)
             del pair_count[pair]
@@ -278,17 +335,13 @@ class ByteBPE:
     def _merge(ids: list, pair: tuple, new: int) -> list:
         out, j = [], 0
         while j < len(ids):
-            if j + 1 < len(ids) and ids[j] == pair[0] and ids[j + 1] == pair[1]:
-                out.append(new)
-                j += 2
-            else:
-                out.append(ids[j])
-                j += 1
+            hit = j + 1 < len(ids) and (ids[j], ids[j + 1]) == pair
+            out.append(new if hit else ids[j])
+            j += 2 if hit else 1
         return out
 
     def _encode_word(self, word: str) -> list[int]:
-        ids = self.cache.get(word)
-        if ids is None:
+        if word not in self.cache:
             ids = [self.byte_ids[b] for b in word.encode("utf-8")]
             while len(ids) > 1:  # apply the earliest-learned merge present, everywhere, as training did
                 pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, (math.inf,))[0])
@@ -296,1013 +349,552 @@ class ByteBPE:
                     break
                 ids = self._merge(ids, pair, self.ranks[pair][1])
             self.cache[word] = ids
-        return ids
+        return self.cache[word]
 
     def encode(self, text: str) -> list[int]:
         return [i for w in PRETOKENIZE.findall(text) for i in self._encode_word(w)]
 
     def decode(self, ids) -> str:
         names = {i: s.encode("utf-8") for s, i in self.specials.items()}
-        data = b"".join(self.pieces[i] if i < len(self.pieces) else names.get(i, b"") for i in ids)
-        return data.decode("utf-8", errors="replace")
+        return b"".join(names.get(i) or self.pieces[i] for i in ids).decode(errors="replace")
 
     def state(self) -> dict:
-        return {"kind": "bpe", "merges": self.merges, "specials": list(self.specials), "pieces": self.pieces}
-
-
-def tokenizer_from_state(state: dict):
-    if state["kind"] == "char":
-        return CharTokenizer(state["chars"])
-    return ByteBPE(state["merges"], tuple(state["specials"]), state["pieces"])
-
+        return {"merges": self.merges, "specials": list(self.specials), "pieces": self.pieces}
 
 # -----------------------------------------------------------------------------------------------------
-# Data: named datasets downloaded once into a cache and checked, local files, and an offline fallback
+# Data: language-model text and random blocks of it; labelled sentences for fine-tuning
 
-DATASETS = {  # name -> {file: (pinned URL, sha256)}; ../shared/data/URLS.md lists where these come from
-    "shakespeare": {"input.txt": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/"
-        "data/tinyshakespeare/input.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")},
-    "wikitext2": {f"{s}.txt": (
-        "https://raw.githubusercontent.com/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8/"
-        f"word_language_model/data/wikitext-2/{s}.txt", h) for s, h in (
+DATASETS = {  # name -> {file in the cache: (pinned URL, sha256)}; ../shared/data/URLS.md lists them all
+    "shakespeare": {"input.txt": ("https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c0"
+                                  "78e37c1d1b4e/data/tinyshakespeare/input.txt",
+                                  "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")},
+    "wikitext2": {f"{s}.txt": ("https://raw.githubusercontent.com/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c"
+                               f"52f181e8/word_language_model/data/wikitext-2/{s}.txt", h) for s, h in (
         ("train", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),
-        ("valid", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
-        ("test", "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"))},
-    "sst2": {f"{s}.tsv": (
-        "https://raw.githubusercontent.com/eyalbd2/Reproducing-AutoPrompt/6288fb5bec9c572f2492875ae0111df5b6daed11/"
-        f"glue_data/SST-2/{f}.tsv", h) for s, f, h in (  # train_full.tsv: that repo's train.tsv is a subset
+        ("valid", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"))},
+    "sst2": {f"{s}.tsv": ("https://raw.githubusercontent.com/eyalbd2/Reproducing-AutoPrompt/6288fb5bec9c572f2492875ae0"
+                          f"111df5b6daed11/glue_data/SST-2/{f}.tsv", h) for s, f, h in (  # train_full: all of it
         ("train", "train_full", "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1"),
         ("dev", "dev", "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"))},
 }
 
-
-def log0(*args):
-    """Print on rank 0 only."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, flush=True)
-
-
-def download(name: str, files: dict) -> Path | None:
-    """Fetch a named dataset into the cache (once), checking sha256; None when the network is absent."""
-    root = Path(os.environ.get("NLP_LINEAGE_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nlp-lineage") / name
-    for fname, (url, sha) in files.items():
-        path = root / fname
-        if path.exists():
-            continue
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                data = r.read()
-        except OSError as e:
-            log0(f"could not download {name} ({e.__class__.__name__}: {e})")
-            return None
-        if sha and hashlib.sha256(data).hexdigest() != sha:
-            raise UserError(f"download of {url} does not match its known sha256; not using it")
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return root
-
-
-def read_text(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    if not text.strip():
-        raise UserError(f"data file {path} is empty")
-    return text
-
-
-def builtin_text() -> list[str]:
-    """The offline fallback corpus: the 79 Python documentation topics shipped in pydoc_data."""
-    from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)]
-
-
 def load_lm_text(data: str) -> tuple[str, str, str]:
-    """(name, train text, validation text) for pretraining. Splits are documented in the README:
-    shakespeare and single files: first 90% / last 10% of the characters (as nanoGPT); wikitext2 and
-    folders with train.txt + valid.txt: those files; builtin: the last 8 topics are validation."""
-    if data in ("shakespeare", "wikitext2"):
-        root = download(data, DATASETS[data])
-        if root is None:
-            log0(f"offline: falling back to the built-in corpus (Python documentation) instead of {data}")
-            data = "builtin"
-        elif data == "shakespeare":
-            text = read_text(root / "input.txt")
-            n = int(0.9 * len(text))
-            return "shakespeare", text[:n], text[n:]
-        else:
-            return "wikitext2", read_text(root / "train.txt"), read_text(root / "valid.txt")
+    """(name, train text, validation text): a named dataset's or a folder's train.txt and valid.txt; or the last 10%
+    of a file's (a folder's) characters held out; builtin and offline: the Python docs, the last 8 topics held out."""
+    if data in DATASETS:
+        data = str(download(data, "the built-in corpus (Python documentation)") or "builtin")
     if data == "builtin":
-        docs = builtin_text()
+        docs = [text for _, text in sorted(importlib.import_module("pydoc_data.topics").topics.items())]
         return "builtin", "\n".join(docs[:-8]), "\n".join(docs[-8:])
     path = Path(data)
-    if not path.exists():
-        raise UserError(f"unknown dataset {data!r}: use shakespeare, wikitext2, builtin or a path to text")
-    if path.is_dir():
-        if (path / "train.txt").exists() and (path / "valid.txt").exists():
-            return path.name, read_text(path / "train.txt"), read_text(path / "valid.txt")
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise UserError(f"folder {path} holds no text files")
-        text = "\n".join(read_text(p) for p in files)
-    else:
-        text = read_text(path)
-    n = int(0.9 * len(text))
-    return path.name, text[:n], text[n:]
-
-
-def build_tokenizer(cfg: Config, name: str, train_text: str):
-    kind = cfg.tokenizer if cfg.tokenizer != "auto" else ("char" if name == "shakespeare" else "bpe")
-    if kind == "char":
-        return CharTokenizer.train(train_text)
-    t0 = time.time()
-    tok = ByteBPE.train(train_text, cfg.bpe_vocab_size, SPECIAL_TOKENS)
-    log0(f"trained byte-level BPE: {len(tok)} tokens in {time.time() - t0:.1f}s")
-    return tok
-
+    require(path.exists() or os.sep in data or "." in data, f"unknown dataset {data!r}: use one of "
+            f"{', '.join(DATASETS)}, builtin, or a path to a text file or folder")
+    if (path / "train.txt").is_file() and (path / "valid.txt").is_file():
+        return path.name, read_text(path / "train.txt"), read_text(path / "valid.txt")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name[0] != ".") if path.is_dir() else [path]
+    text = "\n".join(read_text(p) for p in files) if files else read_text(path / "train.txt")
+    return path.name, text[:int(0.9 * len(text))], text[int(0.9 * len(text)):]
 
 class BlockSampler:
-    """Random contiguous blocks (as nanoGPT and GPT's 512-token windows). Under DDP each rank draws from
-    its own contiguous shard; its generator state is the data position saved in checkpoints."""
+    """Random contiguous blocks (nanoGPT's; GPT's 512-token windows), each rank from its shard: input_ids (B, T)
+    and the targets shifted by one. `position` counts the batches drawn and seeds the next one."""
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, block_size: int, seed: int, rank=0, world=1):
-        shard = len(tokens) // world
-        self.tokens = tokens[rank * shard:(rank + 1) * shard] if world > 1 else tokens
-        if len(self.tokens) <= block_size + 1:
-            raise UserError(f"training text has {len(self.tokens)} tokens per rank, fewer than one block "
-                            f"of {block_size + 1}; use more data or a smaller --block_size")
-        self.batch_size, self.block_size = batch_size, block_size
-        self.gen = torch.Generator().manual_seed(seed + rank)
+    def __init__(self, tokens: torch.Tensor, batch_size: int, block_size: int, seed: int):
+        self.tokens, self.batch_size, self.block_size = tokens.chunk(WORLD)[RANK], batch_size, block_size
+        require(len(self.tokens) > block_size + 1, f"the training text has {len(self.tokens)} tokens per rank, "
+                f"fewer than one block of {block_size + 1}; use more data or a smaller --block_size")
+        self.seed, self.position = seed, 0
 
     def __next__(self) -> dict:
-        return get_batch(self.tokens, self.batch_size, self.block_size, self.gen)
+        gen, self.position = torch.Generator().manual_seed(hash((self.seed, RANK, self.position))), self.position + 1
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=gen)
+        block = torch.stack([self.tokens[s:s + self.block_size + 1] for s in starts.tolist()])
+        return {"input_ids": block[:, :-1], "targets": block[:, 1:]}
 
-    def state_dict(self):
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, state):
-        self.gen.set_state(state["gen"])
-
-
-def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int, generator=None) -> dict:
-    """One batch of random contiguous blocks: input_ids (B, T) and targets shifted by one (B, T)."""
-    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
-    block = torch.stack([tokens[s:s + block_size + 1] for s in starts.tolist()])
-    return {"input_ids": block[:, :-1], "targets": block[:, 1:]}
-
-
-def eval_batches(tokens: torch.Tensor, batch_size: int, block_size: int, max_batches: int):
-    """Non-overlapping blocks of the split in order; at most max_batches of them evenly spread (0 = all)."""
-    n = (len(tokens) - 1) // block_size
-    starts = np.arange(n) * block_size
-    if max_batches and n > max_batches * batch_size:
-        starts = starts[np.linspace(0, n - 1, max_batches * batch_size).round().astype(int)]
-    for i in range(0, len(starts), batch_size):
-        block = torch.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size].tolist()])
-        yield {"input_ids": block[:, :-1], "targets": block[:, 1:]}
-
-
-# -----------------------------------------------------------------------------------------------------
-# Model (section 3.1)
-
-
-class CausalSelfAttention(nn.Module):
-    """Masked multi-head self-attention with one fused QKV projection and an optional KV cache."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.attn_drop = nn.Dropout(cfg.dropout)
-        self.resid_drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cache=None, need_weights=False):
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-        if cache is not None:  # cache: [k, v] of earlier positions, extended in place
-            if cache[0] is not None:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[0], cache[1] = k, v
-        T, S = q.size(2), k.size(2)  # new queries attend to all S keys up to their own position
-        causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        p = self.attn_drop.p if self.training else 0.0
-        if need_weights:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
-            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            y = self.attn_drop(att) @ v
-        else:
-            att = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if T == S else causal,
-                                               is_causal=T == S, dropout_p=p)
-        y = rearrange(y, "b h t d -> b t (h d)")
-        return self.resid_drop(self.proj(y)), att
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))  # GELU, tanh form
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.pre_ln = cfg.arch == "gpt2"
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=1e-5, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-5, bias=cfg.bias)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, cache=None, need_weights=False):
-        if self.pre_ln:  # GPT-2: x + f(LN(x))
-            a, att = self.attn(self.ln_1(x), cache, need_weights)
-            x = x + a
-            return x + self.mlp(self.ln_2(x)), att
-        a, att = self.attn(x, cache, need_weights)  # GPT-1: n = LN(x + a); h = LN(n + m)
-        n = self.ln_1(x + a)
-        return self.ln_2(n + self.mlp(n)), att
-
-
-class GPT(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=1e-5, bias=cfg.bias) if cfg.arch == "gpt2" else None
-        self.apply(self._init_weights)
-        if cfg.arch == "gpt2":  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
-            for name, p in self.named_parameters():
-                if name.endswith("proj.weight"):
-                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)  # N(0, 0.02), section 4.1
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def hidden(self, idx, cache=None, need_weights=False):
-        """Final hidden states h_n (B, T, C); with a cache, idx continues the cached positions."""
-        B, T = idx.shape
-        start = 0 if cache is None or cache[0][0] is None else cache[0][0].size(2)
-        if start + T > self.cfg.block_size:
-            raise UserError(f"sequence of {start + T} tokens is longer than the context of "
-                            f"{self.cfg.block_size}; use --block_size or a shorter input")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # h_0 = U W_e + W_p   (B, T, C)
-        atts = []
-        for i, block in enumerate(self.blocks):
-            x, att = block(x, None if cache is None else cache[i], need_weights)
-            atts.append(att)
-        if self.ln_f is not None:
-            x = self.ln_f(x)
-        return (x, atts) if need_weights else x
-
-    def forward(self, idx, cache=None):
-        """Next-token logits (B, T, V): h_n W_e^T, the output layer tied to the token embedding."""
-        return self.hidden(idx, cache) @ self.wte.weight.T
-
-    def new_cache(self):
-        return [[None, None] for _ in self.blocks]
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6N for the weights plus 12 L T C for attention (PaLM appendix B)."""
-        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-        return 6 * n + 12 * self.cfg.n_layer * self.cfg.block_size * self.cfg.d_model
-
-
-def build_model(cfg: Config) -> GPT:
-    if cfg.vocab_size <= 0:
-        raise UserError("--vocab_size must be positive (it is set from the tokenizer when data is loaded)")
-    return GPT(cfg)
-
-
-# -----------------------------------------------------------------------------------------------------
-# Objective: next-token cross-entropy (L1, eq. 1), in fp32 even under autocast
-
-
-def pretrain_loss(model, batch: dict) -> torch.Tensor:
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
-
-
-@torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0,
-             use_cache=True, generator=None) -> torch.Tensor:
-    """Extend idx (B, T) by max_new_tokens; temperature 0 is greedy. With the KV cache each step feeds one
-    token. Once the context is full the window slides, and learned absolute positions then need a fresh
-    pass over the last block_size tokens, exactly what the uncached path computes."""
-    was_training = model.training
-    model.eval()
-    block, cache = model.cfg.block_size, None
-    for _ in range(max_new_tokens):
-        if cache is not None and cache[0][0].size(2) < block:
-            logits = model(idx[:, -1:], cache)
-        else:
-            cache = model.new_cache() if use_cache else None
-            logits = model(idx[:, -block:], cache)
-        logits = logits[:, -1, :].float()
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            nxt = torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1,
-                                    generator=generator)
-        idx = torch.cat([idx, nxt], dim=1)
-    model.train(was_training)
-    return idx
-
-
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
-    if top_k:
-        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the mass already reached top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-# -----------------------------------------------------------------------------------------------------
-# Downstream: classification fine-tuning (sections 3.2-3.3)
-
-
-class GPTClassifier(nn.Module):
-    """[start] text [extract] -> the final hidden state at the extract token -> dropout -> linear (W_y)."""
-
-    def __init__(self, gpt: GPT, n_classes: int, clf_dropout: float):
-        super().__init__()
-        self.gpt = gpt
-        self.drop = nn.Dropout(clf_dropout)
-        self.head = nn.Linear(gpt.cfg.d_model, n_classes)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, ids, lengths):
-        """ids (B, T) right-padded; lengths (B,) count real tokens, the last one being [extract].
-        Causal attention means real positions never see the padding after them."""
-        h = self.gpt.hidden(ids)  # (B, T, C)
-        h_extract = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C)
-        return self.head(self.drop(h_extract)), h @ self.gpt.wte.weight.T
-
-
-def finetune_loss(model: GPTClassifier, batch: dict, lm_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L3 = L2 + lambda * L1 (eq. 5): classification loss plus the auxiliary LM loss on the text tokens."""
-    clf_logits, lm_logits = model(batch["input_ids"], batch["lengths"])
-    clf = F.cross_entropy(clf_logits.float(), batch["labels"])
-    T = batch["input_ids"].size(1)
-    real = torch.arange(T - 1, device=clf_logits.device) < (batch["lengths"][:, None] - 1)
-    lm_targets = batch["input_ids"][:, 1:].masked_fill(~real, -100)
-    lm = F.cross_entropy(lm_logits[:, :-1].float().flatten(0, 1), lm_targets.flatten(), ignore_index=-100)
-    return clf + lm_coef * lm, clf_logits
-
-
-def read_tsv(path: Path, header: bool) -> list[tuple[str, str]]:
-    """Rows of (label, text). GLUE layout (header: `sentence<TAB>label`) or `label<TAB>text` (no header;
-    the text may contain tabs)."""
-    rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip() or (header and n == 1):
-            continue
-        if header:
-            text, _, label = line.rpartition("\t")
-        else:
-            label, _, text = line.partition("\t")
-        if not text.strip() or not label.strip():
-            raise UserError(f"{path}:{n}: expected {'sentence<TAB>label' if header else 'label<TAB>text'}")
-        rows.append((label.strip(), text))
-    if not rows:
-        raise UserError(f"{path} holds no examples")
+def read_tsv(path: Path) -> list[tuple[str, str]]:
+    """(label, text) rows of GLUE's `sentence<TAB>label` after a header, or of `label<TAB>text` (tabs in text)."""
+    lines, rows = read_text(path).split("\n"), []
+    glue = lines[0].startswith("sentence\t")
+    for n, line in enumerate(lines[glue:], 1 + glue):
+        text, _, label = line.rpartition("\t") if glue else line.partition("\t")[::-1]
+        require(text.strip() and label.strip() or not line.strip(), f"{path}:{n}: expected "
+                f"{'sentence<TAB>label' if glue else 'label<TAB>text'}")
+        rows += [(label.strip(), text)] if line.strip() else []
     return rows
-
 
 def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, str]]:
-    """A small generated sentiment task: short reviews whose label (1 positive, 0 negative) is the
-    polarity of their one sentiment word among neutral filler. Deterministic in seed."""
-    rng = random.Random(seed)
-    good = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "sharp"]
-    bad = ["bad", "dull", "awful", "boring", "clumsy", "tedious", "weak", "messy"]
+    """Generated reviews whose label (1 positive, 0 negative) is their one sentiment word's polarity; seeded."""
+    rng, rows = random.Random(seed), []
+    words = [["bad", "dull", "awful", "boring", "clumsy", "tedious", "weak", "messy"],
+             ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "sharp"]]
     things = ["film", "plot", "cast", "script", "ending", "score", "story", "director"]
-    rows = []
-    for _ in range(n):
-        label = rng.randrange(2)
-        rows.append((str(label), f"the {rng.choice(things)} was {rng.choice(good if label else bad)} "
-                                 f"and the {rng.choice(things)} {rng.choice(['was', 'felt', 'seemed'])} "
-                                 f"{rng.choice(['long', 'short', 'new', 'old'])}"))
+    for y in (rng.randrange(2) for _ in range(n)):
+        rows.append((str(y), f"the {rng.choice(things)} was {rng.choice(words[y])} and the {rng.choice(things)} "
+                             f"{rng.choice(['was', 'felt', 'seemed'])} {rng.choice(['long', 'short', 'new', 'old'])}"))
     return rows
 
-
 def load_classification(data: str, seed: int):
-    """(name, train rows, dev rows) of (label, text). sst2: GLUE's train.tsv and dev.tsv (the test split
-    has no labels). A folder: train.tsv and dev.tsv as `label<TAB>text`. builtin: synthetic."""
-    if data == "sst2":
-        root = download("sst2", DATASETS["sst2"])
-        if root is None:
-            log0("offline: falling back to the built-in synthetic sentiment task instead of sst2")
-            data = "builtin"
-        else:
-            return "sst2", read_tsv(root / "train.tsv", True), read_tsv(root / "dev.tsv", True)
+    """(name, train rows, dev rows): SST-2's or a folder's train.tsv and dev.tsv (GLUE's SST-2 test has no labels);
+    builtin and offline: a generated synthetic task."""
+    if data in DATASETS:
+        data = str(download(data, "the built-in synthetic sentiment task") or "builtin")
     if data == "builtin":
-        log0("fine-tuning on the built-in SYNTHETIC sentiment task (generated, not real reviews)")
+        log0("the built-in SYNTHETIC sentiment task (generated, not real reviews)")
         return "builtin-synthetic", synthetic_sentiment(2000, seed), synthetic_sentiment(400, seed + 1)
-    path = Path(data)
-    if not path.is_dir():
-        raise UserError(f"unknown classification data {data!r}: use sst2, builtin or a folder with "
-                        "train.tsv and dev.tsv")
-    glue = (path / "train.tsv").is_file() and read_text(path / "train.tsv").startswith("sentence\t")
-    return path.name, read_tsv(path / "train.tsv", glue), read_tsv(path / "dev.tsv", glue)
+    require(Path(data).is_dir(), f"classification data {data!r} is neither sst2, builtin nor a folder")
+    train, dev = read_tsv(Path(data) / "train.tsv"), read_tsv(Path(data) / "dev.tsv")
+    require(train and dev, f"{data}: train.tsv and dev.tsv must hold examples")
+    return Path(data).name, train, dev
 
-
-def encode_classification(rows, tok, labels: dict, block_size: int, split: str):
-    """[start] text [extract] ids, truncated from the end of the text to fit the context."""
-    start, extract = tok.specials["<|start|>"], tok.specials["<|extract|>"]
-    examples, unknown = [], 0
-    for label, text in rows:
-        if label not in labels:
-            if split == "train":
-                raise UserError(f"label {label!r} in the {split} data is not one of {sorted(labels)}")
-            unknown += 1
-        ids = [start] + tok.encode(text)[:block_size - 2] + [extract]
-        examples.append((ids, labels.get(label, -1)))
+def encode_classification(rows, tok: ByteBPE, labels: dict, block_size: int, split: str) -> list[dict]:
+    """[start] text [extract], the text cut to fit the context; a label unseen in training is -1 (always wrong)."""
+    unknown = [label for label, _ in rows if label not in labels]
+    require(split != "train" or not unknown, f"training label {unknown[:1]} is not one of {sorted(labels)}")
     if unknown:
-        log0(f"warning: {unknown} {split} examples have labels unseen in training; counted as errors")
-    return examples
+        log0(f"warning: {len(unknown)} {split} examples have labels unseen in training; counted as errors")
+    start, extract = tok.specials["<|start|>"], tok.specials["<|extract|>"]
+    return [{"ids": [start] + tok.encode(text)[:block_size - 2] + [extract], "label": labels.get(label, -1)}
+            for label, text in rows]
 
-
-def collate(examples, pad_id: int = 0) -> dict:
-    T = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    for i, (x, _) in enumerate(examples):
-        ids[i, :len(x)] = torch.tensor(x)
-    return {"input_ids": ids, "lengths": torch.tensor([len(x) for x, _ in examples]),
-            "labels": torch.tensor([y for _, y in examples])}
-
+def collate(examples: list[dict]) -> dict:
+    """Right-padded ids (B, T), lengths (B,) and labels (B,)."""
+    ids = torch.zeros(len(examples), max(len(e["ids"]) for e in examples), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e["ids"])] = torch.tensor(e["ids"])
+    return {"input_ids": ids, "lengths": torch.tensor([len(e["ids"]) for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples])}
 
 class EpochSampler:
-    """Shuffled minibatches, a new permutation per epoch (seeded); every rank gets the same number of
-    batches, each its own slice. The data position saved in checkpoints is (epoch, batch index)."""
+    """Shuffled minibatches of collate(examples), a new permutation each epoch, each rank its own slice of every
+    batch and as many batches as the others. `position` counts the batches drawn."""
 
-    def __init__(self, examples, batch_size, seed, rank=0, world=1):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.rank, self.world = rank, world
-        self.per_epoch = max(1, len(examples) // (batch_size * world))
-        self.epoch, self.index = 0, 0
-        self.order, self.order_epoch = [], None
+    def __init__(self, examples: list, batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed, self.position = examples, batch_size, seed, 0
+        self.per_epoch = max(1, len(examples) // (batch_size * WORLD))
 
     def __next__(self) -> dict:
-        if self.index == self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self.order_epoch != self.epoch:  # one permutation per epoch, derived from the epoch
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            self.order, self.order_epoch = torch.randperm(len(self.examples), generator=gen).tolist(), self.epoch
-        start = (self.index * self.world + self.rank) * self.batch_size
-        self.index += 1
-        return collate([self.examples[i] for i in self.order[start:start + self.batch_size]])
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state):
-        self.epoch, self.index = state["epoch"], state["index"]
-
+        (epoch, index), self.position = divmod(self.position, self.per_epoch), self.position + 1
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = (index * WORLD + RANK) * self.batch_size
+        return collate([self.examples[i] for i in order[start:start + self.batch_size].tolist()])
 
 # -----------------------------------------------------------------------------------------------------
-# Training loop: device and precision, DDP, optimizer and schedule, checkpoints, logging
+# Stages: pretrain (section 4.1), finetune (sections 3.2-3.3), sample
 
+def warmup_then_decay(warmup: int, total: int, floor: float = 0.0, shape: str = "cosine"):
+    """The lr multiplier: linear warmup from 0, then cosine (pretraining) or linear (fine-tuning) decay to floor."""
+    def f(step):
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
+        return (step + 1) / warmup if step < warmup else floor + (1 - floor) * decay
+    return f
 
-def setup_device(cfg) -> tuple[torch.device, torch.dtype, contextlib.AbstractContextManager]:
-    """Device (auto: cuda, then mps, then cpu) and autocast dtype (auto: bf16 where supported)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is available")
-        name = f"cuda:{local_rank}" if name == "cuda" else name
-        torch.cuda.set_device(name)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available")
-    device = torch.device(name)
-    dtype = cfg.dtype if cfg.dtype != "auto" else os.environ.get("NLP_LINEAGE_AUTO_DTYPE", "auto")
-    if dtype == "auto":
-        cpu_bf16 = device.type == "cpu" and any(
-            f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16")
-        ) if Path("/proc/cpuinfo").exists() else False
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if cpu_bf16 or gpu_bf16 else "float32"
-    pt_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = (contextlib.nullcontext() if pt_dtype == torch.float32
-           else torch.autocast(device_type=device.type, dtype=pt_dtype))
-    return device, pt_dtype, ctx
-
-
-def setup_ddp(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); under torchrun, joins the process group (NCCL on CUDA, Gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)  # one group for all of a main job's stages
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def make_optimizer(model: nn.Module, lr, weight_decay, betas, eps, device) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices only (no decay on biases, LayerNorms)."""
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple, eps: float) -> torch.optim.AdamW:
+    """Adam with decoupled weight decay on matrices only (none on biases and LayerNorms); fused on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=params[0].device.type == "cuda")
 
-
-def lr_lambda(warmup: int, total: int, floor: float, shape: str):
-    """Multiplier of the peak lr: linear warmup from 0, then cosine (pretraining) or linear (fine-tuning)
-    decay to `floor` (min_lr / lr) at the end of the schedule."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
-        return floor + (1 - floor) * decay
-    return f
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file, fsync it, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
-
-
-def check_compatible(ckpt: dict, cfg, script: str, fields=None) -> None:
-    """A checkpoint must come from this script and, for the architecture fields, the same model."""
-    if ckpt.get("script") != script:
-        raise UserError(f"checkpoint was written by {ckpt.get('script', 'another program')}, not {script}")
-    for name in fields if fields is not None else ARCH_FIELDS:
-        theirs, ours = ckpt["config"].get(name), getattr(cfg, name)
-        if theirs != ours:
-            raise UserError(f"checkpoint has {name}={theirs} but this run has {name}={ours}; "
-                            "use the checkpoint's architecture")
-
-
-class MetricsLog:
-    """One line per record on stdout (rank 0) and one JSON object per line in out_dir/metrics.jsonl."""
-
-    def __init__(self, out_dir: Path, rank: int):
-        self.path, self.rank = out_dir / "metrics.jsonl", rank
-
-    def __call__(self, **rec):
-        if self.rank:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-              flush=True)
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul FLOP/s of this device in this dtype: the denominator of MFU."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: resume stays exact
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ a
-    sync()
-    reps, t0 = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, evaluate, total_steps: int,
-                 lr: float, warmup: int, shape: str, extra: dict, tokens_per_step: int,
-                 flops_per_token: float) -> dict:
-    """The loop shared by pretraining and fine-tuning: AdamW + schedule, accumulation with DDP sync on the
-    last micro-step, clipping, bf16/fp16 autocast, evaluation and atomic checkpoints, exact resume."""
-    device, dtype, ctx = setup_device(cfg)
-    rank, world = setup_ddp(device)
-    out = Path(cfg.out_dir)
-    model.to(device)
-    opt = make_optimizer(model, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), 1e-8, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, cfg.min_lr / cfg.lr
-                                                             if shape == "cosine" else 0.0, shape))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, best = 0, None
-    if cfg.resume:
-        ckpt = load_checkpoint(str(out / "ckpt.pt"))
-        check_compatible(ckpt, cfg, "gpt.py")
-        if ckpt["stage"] != stage:
-            raise UserError(f"{out / 'ckpt.pt'} is a {ckpt['stage']} checkpoint, not {stage}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["data"][rank] if world == len(ckpt["data"]) else ckpt["data"][0])
-        set_rng_state(ckpt["rng"])
-        step, best = ckpt["step"], ckpt["best"]
-        log0(f"resumed {stage} from {out / 'ckpt.pt'} at step {step}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    log = MetricsLog(out, rank)
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
-    peak = measure_peak_flops(device, dtype) if rank == 0 else 1.0
-
-    def checkpoint(data_state=None, rng=None):
-        data = [data_state or sampler.state_dict()]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, data[0])
-            data = gathered
-        if rank == 0:
-            save_checkpoint(out / "ckpt.pt", {
-                "script": "gpt.py", "stage": stage, "model": raw.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "data": data,
-                "rng": rng or rng_state(), "config": dataclasses.asdict(cfg), "best": best, **extra})
-
-    def run_eval():
-        nonlocal best
-        raw.eval()
-        with torch.no_grad(), ctx:
-            metrics = evaluate(raw, device)
-        raw.train()
-        key = "acc" if "acc" in metrics else "loss"
-        better = best is None or (metrics[key] > best if key == "acc" else metrics[key] < best)
-        best = metrics[key] if better else best
-        log(step=step, split="val", **metrics)
-        return metrics
-
-    t0 = t_last = time.time()
-    at_step_start = (None, None)
-    start_step, metrics = step, {}
-    stop = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    model.train()
-    try:
-        while step < stop:
-            at_step_start = sampler.state_dict(), rng_state()  # what Ctrl-C saves mid-step
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in next(sampler).items()}
-                sync = micro == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), ctx:
-                    loss = loss_fn(model, batch)
-                    scaler.scale(loss / cfg.grad_accum).backward()
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step}; stopped, the last good "
-                                f"checkpoint is {out / 'ckpt.pt'} (try a lower --lr)")
-            scaler.unscale_(opt)
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            at_step_start = (None, None)  # the step is complete: Ctrl-C from here saves the current state
-            if step % cfg.log_interval == 0 or step == stop:
-                now = time.time()
-                n = (step - start_step - 1) % cfg.log_interval + 1
-                tok_s = n * tokens_per_step / max(now - t_last, 1e-9)
-                eta = (now - t0) / (step - start_step) * (stop - step)
-                log(step=step, split="train", loss=loss.item(), lr=sched.get_last_lr()[0], tok_s=round(tok_s),
-                    mfu=tok_s * flops_per_token / world / peak, elapsed=round(now - t0, 1), eta=round(eta, 1))
-                t_last = now
-            if step % cfg.eval_interval == 0 or step == stop:
-                metrics = run_eval() if rank == 0 else {}
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint(*at_step_start)
-        log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        return {"step": step, "interrupted": True}
-    if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
-        metrics = run_eval() if rank == 0 else {}
-    if world > 1:
-        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
-    summary = {"step": step, **metrics}
-    log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
-    return summary
-
+def load_pretrained(cfg: Config, resumed: dict | None = None) -> tuple[GPT, ByteBPE | None, Config]:
+    """(GPT, tokenizer, cfg with its architecture) of a resumed run (the loop loads its weights) or --init_from."""
+    if cfg.init_from.startswith("hf:") and not resumed:
+        return load_hf(Path(cfg.init_from[3:]), cfg)
+    ckpt = resumed or load_checkpoint(cfg.init_from)
+    cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
+    model, prefix = build_model(cfg), "gpt." if ckpt["stage"] == "finetune" else ""
+    if not resumed:
+        model.load_state_dict({k.removeprefix(prefix): v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    return model, ByteBPE(**ckpt["tokenizer"]), cfg
 
 def pretrain(cfg: Config) -> dict:
-    """Stage `pretrain`: learn the tokenizer (or reuse init_from's), then the language model."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    """the language model on --data (section 4.1), after learning its tokenizer"""
+    ckpt = open_run(cfg, "pretrain", ARCH_FIELDS + ("data", "tokenizer", "bpe_vocab_size"))
+    device, _, _ = setup(cfg)
     name, train_text, val_text = load_lm_text(cfg.data)
-    model, tok = None, None
-    if cfg.resume:
-        ckpt = load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))
-        tok = tokenizer_from_state(ckpt["tokenizer"])
-        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or ckpt["config"]["vocab_size"])
-    elif cfg.init_from:
-        model, tok, cfg = load_pretrained(cfg)
-        if tok is None:
-            raise UserError(f"{cfg.init_from} has no tokenizer gpt.py can read (GPT-2's vocab.json + "
-                            "merges.txt); continue pretraining from a gpt2 folder or a gpt.py checkpoint")
-    else:
-        tok = build_tokenizer(cfg, name, train_text)
-    if not cfg.vocab_size:
-        cfg = dataclasses.replace(cfg, vocab_size=len(tok))
-    if cfg.vocab_size < len(tok):
-        raise UserError(f"--vocab_size {cfg.vocab_size} is smaller than the tokenizer's {len(tok)} tokens")
-    model = model or build_model(cfg)
-    train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
-    val_ids = torch.tensor(tok.encode(val_text), dtype=torch.long)
-    if len(val_ids) <= cfg.block_size + 1:
-        raise UserError(f"validation text has {len(val_ids)} tokens, fewer than one block of "
-                        f"{cfg.block_size + 1}; use more data or a smaller --block_size")
-    if isinstance(tok, CharTokenizer) and tok.unseen:
-        log0(f"validation text has {sum(tok.unseen.values())} characters never seen in training "
-             f"({''.join(sorted(tok.unseen))!r}); they map to the unknown id 0")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sampler = BlockSampler(train_ids, cfg.batch_size, cfg.block_size, cfg.seed, rank, world)
-    n_params = sum(p.numel() for p in model.parameters())
-    log0(f"pretraining on {name}: {len(train_ids):,} train / {len(val_ids):,} val tokens, vocab {len(tok)}, "
-         f"{n_params / 1e6:.2f}M parameters, arch {cfg.arch}")
+    model, tok, cfg = load_pretrained(cfg, ckpt) if ckpt or cfg.init_from else (None, None, cfg)
+    if model is None:  # characters (bytes, no merges) for shakespeare, as nanoGPT; else byte-level BPE
+        chars = cfg.tokenizer == "char" or cfg.tokenizer == "auto" and name == "shakespeare"
+        t0, tok = time.time(), ByteBPE.train(train_text, 256 if chars else cfg.bpe_vocab_size, SPECIAL_TOKENS)
+        log0(f"tokenizer: {len(tok)} tokens, {len(tok.merges)} BPE merges learned in {time.time() - t0:.1f}s")
+        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or len(tok))
+        model = build_model(cfg)
+    require(tok, f"{cfg.init_from} has no tokenizer gpt.py can read (GPT-2's vocab.json and merges.txt)")
+    require(cfg.vocab_size >= len(tok), f"--vocab_size {cfg.vocab_size} is below the tokenizer's {len(tok)}")
+    train_ids, val_ids = (torch.tensor(tok.encode(t), dtype=torch.long) for t in (train_text, val_text))
+    require(len(val_ids) > cfg.block_size + 1, f"the validation text has {len(val_ids)} tokens, fewer than one "
+            f"block of {cfg.block_size + 1}; use more data or a smaller --block_size")
+    batches, model = BlockSampler(train_ids, cfg.batch_size, cfg.block_size, cfg.seed), model.to(device)
+    log0(f"pretraining on {name}: {len(train_ids):,} train / {len(val_ids):,} val tokens, "
+         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, arch {cfg.arch}")
 
-    def evaluate(m, device):
-        total, count = 0.0, 0
-        for b in eval_batches(val_ids, cfg.batch_size, cfg.block_size, cfg.eval_batches):
-            b = {k: v.to(device) for k, v in b.items()}
-            total += pretrain_loss(m, b).item() * b["targets"].numel()
-            count += b["targets"].numel()
-        return {"loss": total / count, "ppl": math.exp(total / count)}
+    def evaluate(m):  # non-overlapping blocks of the split; at most eval_batches batches of them, evenly spread
+        n = (len(val_ids) - 1) // cfg.block_size
+        starts = np.linspace(0, n - 1, min(n, cfg.eval_batches * cfg.batch_size or n)).round().astype(int)
+        blocks = torch.stack([val_ids[s * cfg.block_size:(s + 1) * cfg.block_size + 1] for s in starts]).to(device)
+        loss = sum(pretrain_loss(m, {"input_ids": b[:, :-1], "targets": b[:, 1:]}).item() * len(b)
+                   for b in blocks.split(cfg.batch_size)) / len(blocks)
+        return {"loss": loss, "ppl": math.exp(min(loss, 700))}
 
-    return run_training(cfg, "pretrain", model, sampler, pretrain_loss, evaluate, cfg.total_steps, cfg.lr,
-                        cfg.warmup_steps, "cosine", {"tokenizer": tok.state()},
-                        cfg.batch_size * cfg.block_size * cfg.grad_accum * world, model.flops_per_token())
-
+    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), 1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(cfg.warmup_steps, cfg.total_steps,
+                                                                     cfg.min_lr / cfg.lr))
+    return train_loop(cfg, "pretrain", model, opt, sched, batches, pretrain_loss, evaluate, ckpt,
+                      total=cfg.total_steps, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum,
+                      flops=model.flops_per_token(), extra={"tokenizer": tok.state()})
 
 def finetune(cfg: Config) -> dict:
-    """Stage `finetune`: classification from a BPE-pretrained checkpoint (section 3.2)."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if not cfg.init_from and not cfg.resume:
-        raise UserError("finetune needs --init_from a BPE-pretrained checkpoint "
-                        "(e.g. python gpt.py pretrain --data wikitext2)")
-    if cfg.resume:
-        ckpt = load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))
-        tok = tokenizer_from_state(ckpt["tokenizer"])
-        cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
-        gpt = build_model(cfg)
-        label_list = ckpt["labels"]
-    else:
-        gpt, tok, cfg = load_pretrained(cfg)
-        label_list = None
-    if not isinstance(tok, ByteBPE) or "<|extract|>" not in tok.specials:
-        kind = "character-level" if isinstance(tok, CharTokenizer) else "without GPT's special tokens"
-        raise UserError(f"fine-tuning needs a byte-level BPE checkpoint from gpt.py pretrain (it holds the "
-                        f"start/extract tokens); this one is {kind}: pretrain with --tokenizer bpe")
+    """classification on --finetune_data from a pretrained checkpoint (sections 3.2-3.3)"""
+    ckpt = open_run(cfg, "finetune", ARCH_FIELDS + ("finetune_data",))
+    device, _, _ = setup(cfg)
+    require(cfg.init_from or ckpt, "finetune needs --init_from a checkpoint of gpt.py pretrain, or hf:DIR")
+    gpt, tok, cfg = load_pretrained(cfg, ckpt)
+    require(tok and "<|extract|>" in tok.specials, f"{cfg.init_from} has no start and extract tokens; fine-tune "
+            "a checkpoint of gpt.py pretrain")
     name, train_rows, dev_rows = load_classification(cfg.finetune_data, cfg.seed)
-    label_list = label_list or sorted({label for label, _ in train_rows})
+    label_list = ckpt["labels"] if ckpt else sorted({label for label, _ in train_rows})
     labels = {label: i for i, label in enumerate(label_list)}
-    train = encode_classification(train_rows, tok, labels, cfg.block_size, "train")
-    dev = encode_classification(dev_rows, tok, labels, cfg.block_size, "dev")
-    model = GPTClassifier(gpt, len(labels), cfg.clf_dropout)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sampler = EpochSampler(train, cfg.finetune_batch_size, cfg.seed, rank, world)
-    total = sampler.per_epoch * cfg.finetune_epochs
-    log0(f"fine-tuning on {name}: {len(train)} train / {len(dev)} dev examples, labels {label_list}, "
-         f"{total} steps")
+    train, dev = (encode_classification(rows, tok, labels, cfg.block_size, split)
+                  for rows, split in ((train_rows, "train"), (dev_rows, "dev")))
+    model, batches = GPTClassifier(gpt, len(labels), cfg.clf_dropout).to(device), EpochSampler(
+        train, cfg.finetune_batch_size, cfg.seed)
+    total = batches.per_epoch * cfg.finetune_epochs
+    log0(f"fine-tuning on {name}: {len(train)} train / {len(dev)} dev examples, labels {label_list}, {total} steps")
 
-    def evaluate(m, device):
+    def evaluate(m):
         correct, loss_sum = 0, 0.0
         for i in range(0, len(dev), cfg.finetune_batch_size):
             b = {k: v.to(device) for k, v in collate(dev[i:i + cfg.finetune_batch_size]).items()}
-            logits, _ = m(b["input_ids"], b["lengths"])
+            logits, known = m(b["input_ids"], b["lengths"])[0], b["labels"] >= 0
             correct += (logits.argmax(-1) == b["labels"]).sum().item()
-            known = b["labels"] >= 0
-            if known.any():
-                loss_sum += F.cross_entropy(logits.float()[known], b["labels"][known], reduction="sum").item()
+            loss_sum += F.cross_entropy(logits.float()[known], b["labels"][known], reduction="sum").item()
         return {"loss": loss_sum / len(dev), "acc": correct / len(dev)}
 
-    mean_len = sum(len(x) for x, _ in train) / len(train)
-    return run_training(dataclasses.replace(cfg, lr=cfg.finetune_lr, min_lr=0.0), "finetune", model, sampler,
-                        lambda m, b: finetune_loss(m, b, cfg.lm_coef)[0], evaluate, total, cfg.finetune_lr,
-                        math.ceil(cfg.finetune_warmup * total), "linear",
-                        {"tokenizer": tok.state(), "labels": label_list},
-                        round(cfg.finetune_batch_size * mean_len * cfg.grad_accum * world),
-                        gpt.flops_per_token())
+    opt = adamw(model, cfg.finetune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), 1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(math.ceil(cfg.finetune_warmup * total), total,
+                                                                     shape="linear"))
+    tokens = round(cfg.finetune_batch_size * cfg.grad_accum * sum(len(e["ids"]) for e in train) / len(train))
+    return train_loop(cfg, "finetune", model, opt, sched, batches, lambda m, b: finetune_loss(m, b, cfg.lm_coef)[0],
+                      evaluate, ckpt, total=total, tokens=tokens, flops=gpt.flops_per_token(), metric="acc",
+                      extra={"tokenizer": tok.state(), "labels": label_list})
 
+def sample(cfg: Config) -> dict:
+    """text continuing --prompt, from a checkpoint or hf:DIR (--init_from)"""
+    require(cfg.init_from, "sample needs --init_from a checkpoint (out_dir/ckpt.pt) or hf:DIR")
+    (model, tok, _), (device, _, ctx) = load_pretrained(cfg), setup(cfg)
+    require(tok, f"{cfg.init_from} has no tokenizer (vocab.json and merges.txt) to encode the prompt")
+    ids, block = tok.encode(cfg.prompt), model.cfg.block_size
+    require(ids, "--prompt encodes to no tokens; give some text")
+    if len(ids) > block:
+        log0(f"warning: the prompt has {len(ids)} tokens; only its last {block} fit the context and are used")
+    torch.manual_seed(cfg.seed)
+    with ctx:
+        out = generate(model.to(device), torch.tensor([ids[-block:]] * cfg.num_samples, device=device),
+                       cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    texts = [tok.decode(row) for row in out.tolist()]
+    log0(*(t + "\n" + "-" * 60 for t in texts), sep="\n")
+    return {"samples": texts}
 
-# -----------------------------------------------------------------------------------------------------
-# Pretrained weights: our checkpoints, and Hugging Face GPT-1 (openai-gpt) and GPT-2 directories
-
-
-def load_pretrained(cfg: Config):
-    """(GPT, tokenizer, cfg with the checkpoint's architecture) from --init_from."""
-    if cfg.init_from.startswith("hf:"):
-        return load_hf(cfg.init_from[3:], cfg)
-    ckpt = load_checkpoint(cfg.init_from)
-    if ckpt.get("script") != "gpt.py":
-        raise UserError(f"{cfg.init_from} was written by {ckpt.get('script', 'another program')}, not gpt.py")
-    cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
-    model = build_model(cfg)
-    state = ckpt["model"]
-    if ckpt["stage"] == "finetune":  # a classifier: take its language model
-        state = {k[4:]: v for k, v in state.items() if k.startswith("gpt.")}
-    model.load_state_dict(state)
-    return model, tokenizer_from_state(ckpt["tokenizer"]), cfg
-
-
-def load_hf(path: str, cfg: Config):
-    """Map a Hugging Face OpenAIGPTLMHeadModel or GPT2LMHeadModel directory onto GPT. Their Conv1D layers
-    store weights as (in, out): transposed here. The tokenizer is read from GPT-2's vocab.json and
-    merges.txt when present (byte-level BPE); openai-gpt's character BPE is not supported, so sampling
-    text from it needs token ids."""
-    root = Path(path)
-    if not (root / "config.json").is_file():
-        raise UserError(f"{root} has no config.json: --init_from hf:DIR needs a Hugging Face model folder")
-    hf = json.loads((root / "config.json").read_text())
-    kind = hf.get("model_type")
-    if kind not in ("openai-gpt", "gpt2"):
-        raise UserError(f"{root} holds a {kind} model; only openai-gpt and gpt2 load into gpt.py")
-    if hf.get("afn", hf.get("activation_function", "gelu_new")) not in ("gelu", "gelu_new"):
-        raise UserError(f"{root} uses activation {hf.get('afn') or hf.get('activation_function')}, not GELU")
+def load_hf(root: Path, cfg: Config) -> tuple[GPT, ByteBPE | None, Config]:
+    """A Hugging Face OpenAIGPTLMHeadModel or GPT2LMHeadModel folder as a GPT (their Conv1D layers store
+    weights as (in, out): transposed here), and GPT-2's vocab.json and merges.txt as its tokenizer. GPT-1's
+    character BPE is not read, so sampling text from GPT-1 weights needs token ids."""
+    require((root / "config.json").is_file(), f"{root} has no config.json: hf:DIR needs a Hugging Face model folder")
+    hf = json.loads(read_text(root / "config.json"))
+    kind, act = hf.get("model_type"), hf.get("afn", hf.get("activation_function", "gelu_new"))
+    require(kind in ("openai-gpt", "gpt2"), f"{root} holds a {kind} model; only openai-gpt and gpt2 load into gpt.py")
+    require(act in ("gelu", "gelu_new", "gelu_pytorch_tanh") and (kind, act) != ("gpt2", "gelu"),  # openai-gpt's
+            f"{root} uses the activation {act}; gpt.py runs the tanh form of GELU only")  # gelu is the tanh form
     if (root / "model.safetensors").is_file():
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UserError("reading model.safetensors needs the safetensors package: pip install safetensors") from None
-        sd = load_file(str(root / "model.safetensors"))
-    elif (root / "pytorch_model.bin").is_file():
-        sd = torch.load(root / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        require(importlib.util.find_spec("safetensors"), "reading model.safetensors needs: pip install safetensors")
+        sd = importlib.import_module("safetensors.torch").load_file(str(root / "model.safetensors"))
     else:
-        raise UserError(f"{root} has neither model.safetensors nor pytorch_model.bin")
+        require((root / "pytorch_model.bin").is_file(), f"{root} has neither model.safetensors nor pytorch_model.bin")
+        sd = torch.load(root / "pytorch_model.bin", map_location="cpu", weights_only=True)
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     cfg = dataclasses.replace(cfg, arch="gpt1" if kind == "openai-gpt" else "gpt2", n_layer=hf["n_layer"],
                               n_head=hf["n_head"], d_model=hf["n_embd"], block_size=hf["n_positions"],
-                              vocab_size=hf["vocab_size"], bias=True)
-    model = build_model(cfg)
-    names = {"wte.weight": "tokens_embed.weight" if kind == "openai-gpt" else "wte.weight",
-             "wpe.weight": "positions_embed.weight" if kind == "openai-gpt" else "wpe.weight",
-             "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
-    for i in range(cfg.n_layer):
-        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                             ("mlp.proj", "mlp.c_proj"), ("ln_1", "ln_1"), ("ln_2", "ln_2")):
-            for p in ("weight", "bias"):
-                names[f"blocks.{i}.{ours}.{p}"] = f"h.{i}.{theirs}.{p}"
-    state = {}
-    for ours, ref in model.state_dict().items():
-        theirs = names[ours]
-        if theirs not in sd:
-            raise UserError(f"{root} has no weight {theirs}; is it a complete {kind} checkpoint?")
-        w = sd[theirs]
-        state[ours] = w.t() if w.dim() == 2 and "blocks." in ours and "ln_" not in ours else w
-        if state[ours].shape != ref.shape:
-            raise UserError(f"{root}: {theirs} has shape {tuple(w.shape)}, expected {tuple(ref.shape)}")
+                              vocab_size=hf["vocab_size"])
+    model, state = build_model(cfg), {}
+    for ours, ref in model.state_dict().items():  # blocks.3.attn.qkv.weight -> h.3.attn.c_attn.weight
+        theirs = re.sub(r"blocks\.(\d+)\.", r"h.\1.", ours).replace("qkv", "c_attn").replace(".proj", ".c_proj")
+        theirs = theirs.replace(".fc", ".c_fc").replace("wte", "tokens_embed" if kind == "openai-gpt" else "wte")
+        theirs = theirs.replace("wpe", "positions_embed" if kind == "openai-gpt" else "wpe")
+        require(theirs in sd, f"{root} has no weight {theirs}; is it a complete {kind} checkpoint?")
+        state[ours] = sd[theirs].t() if sd[theirs].dim() == 2 and ours.startswith("blocks.") else sd[theirs]
+        require(state[ours].shape == ref.shape, f"{root}: {theirs} has shape {tuple(sd[theirs].shape)}")
     model.load_state_dict(state)
-    return model, load_hf_tokenizer(root), cfg
-
-
-def load_hf_tokenizer(root: Path):
-    """GPT-2's vocab.json + merges.txt as a ByteBPE with GPT-2's ids (None when the folder has none)."""
     if not ((root / "vocab.json").is_file() and (root / "merges.txt").is_file()):
-        return None
-    # GPT-2 writes each byte as a printable character: printable latin-1 as itself, the rest from 256 up.
+        return model, None, cfg
+    # GPT-2 writes each byte as a printable character: printable latin-1 as itself, the others from chr(256) on
     keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    char_of = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(sorted(set(range(256)) - set(keep)))}
-    byte_of = {c: b for b, c in char_of.items()}
-    vocab = json.loads((root / "vocab.json").read_text(encoding="utf-8"))
-    pieces = [bytes(byte_of[c] for c in t) for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    as_byte = {chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(sorted(set(range(256)) - set(keep)))}
+    vocab = json.loads(read_text(root / "vocab.json"))
+    pieces = [bytes(as_byte[c] for c in t) for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     id_of = {p: i for i, p in enumerate(pieces)}
-    merges = []
-    for line in (root / "merges.txt").read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#version"):
-            a, b = line.split(" ")
-            merges.append((id_of[bytes(byte_of[c] for c in a)], id_of[bytes(byte_of[c] for c in b)]))
-    return ByteBPE(merges, (), pieces)
+    merges = [tuple(id_of[bytes(as_byte[c] for c in half)] for half in line.split(" "))
+              for line in read_text(root / "merges.txt").split("\n") if line and not line.startswith("#version")]
+    return model, ByteBPE(merges, (), pieces), cfg
 
+def main_job(cfg: Config) -> dict:
+    """pretrain into out_dir/pretrain, then sample from it"""
+    metrics = pretrain(dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / "pretrain")))
+    RANK == 0 and sample(dataclasses.replace(cfg, init_from=str(Path(cfg.out_dir) / "pretrain" / "ckpt.pt")))
+    return metrics
 
-# -----------------------------------------------------------------------------------------------------
-# Stage `sample`
+# ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
+# Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.
 
+SCRIPT = Path(__file__).name  # written into checkpoints: each script reads only its own
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),
+        (torch.get_rng_state, torch.set_rng_state), (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+log0 = functools.partial(print, flush=True) if RANK == 0 else lambda *args, **kwargs: None  # rank 0 speaks
 
-def sample(cfg: Config) -> dict:
-    if not cfg.init_from:
-        raise UserError("sample needs --init_from a checkpoint (out_dir/ckpt.pt) or hf:DIR")
-    model, tok, cfg = load_pretrained(cfg)
-    if tok is None:
-        raise UserError(f"{cfg.init_from} has no tokenizer (vocab.json + merges.txt) to encode the prompt")
-    device, _, ctx = setup_device(cfg)
-    model.to(device)
-    ids = tok.encode(cfg.prompt)
-    if isinstance(tok, CharTokenizer) and tok.unseen:
-        log0(f"warning: the prompt has characters the model never saw ({''.join(sorted(tok.unseen))!r}); "
-             "they map to the unknown id 0")
-    if not ids:
-        raise UserError("--prompt encodes to no tokens; give some text")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    idx = torch.tensor([ids] * cfg.num_samples, device=device)[:, -cfg.block_size:]
-    with ctx:
-        out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator=gen)
-    texts = [tok.decode(row) for row in out.tolist()]
-    for t in texts:
-        print(t, "\n" + "-" * 60, flush=True)
-    return {"samples": texts}
+class UserError(Exception):
+    """Bad input: main() prints it as one line `error: ...` and exits with status 2."""
 
+def require(ok, message: str) -> None:
+    if not ok:
+        raise UserError(message)
 
-# -----------------------------------------------------------------------------------------------------
-# CLI
+def download(name: str, fallback: str) -> Path | None:
+    """The cache folder of DATASETS[name], each file downloaded once and checked against its sha256.
+    Without a network: one line saying that `fallback` is used instead, and None."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nlp-lineage"
+    root = Path(os.environ.get("NLP_LINEAGE_CACHE") or cache) / name
+    for fname, (url, sha) in DATASETS[name].items():
+        if not (root / fname).exists():
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    data = r.read()
+            except OSError as e:
+                return log0(f"offline ({e.__class__.__name__}): using {fallback} instead of {name}")
+            require(hashlib.sha256(data).hexdigest() == sha, f"{url} does not match its known sha256; not used")
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f"{fname}.{os.getpid()}").write_bytes(data)
+            os.replace(root / f"{fname}.{os.getpid()}", root / fname)
+    return root
 
+def read_text(path) -> str:
+    """A UTF-8 text file with \\n line ends. Split it at \\n only: U+2028, NEL and such may stand in a sentence."""
+    require(Path(path).is_file(), f"data file {path} does not exist")
+    try:
+        text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    require(text.strip(), f"data file {path} is empty")
+    return text
 
-def parse_config(argv, doc: str, stages, presets: dict):
-    """`[STAGE] --preset P --<field> VALUE ...`: flags generated from Config; preset values are the
-    defaults that explicit flags override."""
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit status 2
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+def setup(cfg) -> tuple[torch.device, torch.dtype, torch.autocast]:
+    """Device (auto: cuda, mps, cpu), autocast dtype (auto: bf16 where the device runs it fast, else fp32;
+    NLP_LINEAGE_AUTO_DTYPE in the environment sets what auto means), TF32, and under torchrun DDP."""
+    name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else \
+        "mps" if torch.backends.mps.is_available() else "cpu"
+    require(not name.startswith("cuda") or torch.cuda.is_available(), f"--device {name}: no CUDA GPU here")
+    require(name != "mps" or torch.backends.mps.is_available(), "--device mps: MPS is not available here")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls on CUDA
+    device.type == "cuda" and torch.cuda.set_device(device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else os.environ.get("NLP_LINEAGE_AUTO_DTYPE", "auto")
+    if dtype == "auto":
+        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else "avx512_bf16" in cpu or "amx_bf16" in cpu
+        dtype = "bfloat16" if fast and device.type != "mps" else "float32"
+    require(dtype in DTYPES, f"NLP_LINEAGE_AUTO_DTYPE must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if WORLD > 1 and not dist.is_initialized():  # one process group for all the stages of a main job
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return device, DTYPES[dtype], torch.autocast(device.type, DTYPES[dtype], enabled=dtype != "float32")
 
-    p = Parser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-               epilog=f"stages: {', '.join(stages)}; with no stage, the main job runs")
-    p.add_argument("stage", nargs="?", choices=stages, help="stage to run (default: the main job)")
-    p.add_argument("--preset", default="small", choices=sorted(presets))
-    for f in dataclasses.fields(presets["small"]):
-        kind = type(f.default)
-        if kind is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {f.default})")
-        else:
-            p.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
-    args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(presets["small"])
-                 if getattr(args, f.name) is not None}
-    return args.stage, dataclasses.replace(presets[args.preset], **overrides)
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a temporary file, fsync, then a rename over the old one; a crash leaves one or the other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # a failed write leaves this, never a broken checkpoint
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
+def load_checkpoint(path, stages=()) -> dict:
+    """A checkpoint that this script wrote, of one of `stages` (any, when empty); anything else is one line."""
+    require(Path(path).is_file(), f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+    script = ckpt.get("script", "another program") if isinstance(ckpt, dict) else "another program"
+    require(script == SCRIPT, f"{path} was written by {script}, not by {SCRIPT}")
+    require(not stages or ckpt["stage"] in stages, f"{path} is a {ckpt['stage']} checkpoint, not {'/'.join(stages)}")
+    return ckpt
+
+def open_run(cfg, stage: str, fields=()) -> dict | None:
+    """The start of a training stage: seed, check out_dir before anything is read or written, and with
+    --resume return its checkpoint, which must agree on `fields` (except those at 0, derived from the data)."""
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(cfg.seed + RANK)
+    out = Path(cfg.out_dir)
+    parent = next(p for p in (out, *out.parents) if p.exists())  # out_dir, or the folder it will be made in
+    require(parent.is_dir() and os.access(parent, os.W_OK), f"--out_dir {out} is not a folder that can be written")
+    require(cfg.resume or not (out / "ckpt.pt").exists(), f"{out} holds a run: continue it with --resume or give "
+            "another --out_dir")
+    ckpt = load_checkpoint(out / "ckpt.pt", (stage,)) if cfg.resume else None
+    for f in [f for f in fields if ckpt and getattr(cfg, f) not in (0, ckpt["config"][f])]:
+        raise UserError(f"{out} was trained with --{f} {ckpt['config'][f]}, not {getattr(cfg, f)}; resume with that")
+    return ckpt
+
+def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, evaluate, ckpt=None, *,
+               total: int, tokens: int, flops=0.0, extra=None, metric="loss", patience=0, keep_best=False,
+               on_step=None, clip=None) -> dict:
+    """Every training stage: `total` steps (--max_steps stops early) of grad_accum batches (DDP syncs on the
+    last) through loss_fn(model, batch) under autocast, clipping (each group of clip(model) alone), opt, sched.
+    Every eval_interval steps and at the end: evaluate(model) -> metrics, an atomic checkpoint (keep_best: and
+    best.pt when `metric` improves; `patience` evaluations without that stop the run). on_step(step) starts a
+    step; True: it changed which parameters train. batches.position is all --resume needs of the data (any state
+    carried between batches too) to continue exactly. Ctrl-C: the step completes, is saved, then exit 130."""
+    device, dtype, ctx = setup(cfg)
+    raw, out, t0, higher = model, Path(cfg.out_dir), time.time(), metric in ("acc", "f1", "bleu")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    parts = {"model": raw, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    step, best, stale = (ckpt["step"], ckpt["best"], ckpt["stale"]) if ckpt else (0, None, 0)
+    if ckpt:
+        for key, part in parts.items():
+            part and part.load_state_dict(ckpt[key])
+        mine = ckpt["data"][RANK if len(ckpt["data"]) == WORLD else 0]
+        batches.position = mine["position"]
+        for (_, put), state in zip(RNGS, mine["rng"]):
+            put(state)
+        log0(f"resumed {stage} from {out / 'ckpt.pt'} at step {step}")
+    RANK == 0 and out.mkdir(parents=True, exist_ok=True)
+    a, sync = torch.full((1024, 1024), 0.5, device=device, dtype=dtype), getattr(torch, device.type).synchronize
+    a @ a  # a warm-up; then the measured matmul peak, MFU's denominator
+    sync()
+    t_peak = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    sync()
+    peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t_peak)
+
+    def log(text, **record):  # a line for people on stdout, and one JSON line in out_dir/metrics.jsonl
+        log0(f"step {step}/{total} | {text}")
+        if RANK == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+    def wrap():  # DDP registers the parameters that train now
+        m = torch.compile(raw) if cfg.compile else raw
+        return nn.parallel.DistributedDataParallel(m) if WORLD > 1 else m
+    def save(improved=False):  # every rank's data position and RNGs; rank 0 writes
+        data = [{"position": batches.position, "rng": [get() for get, _ in RNGS]}] * WORLD
+        WORLD > 1 and dist.all_gather_object(data, data[0])
+        state = {"script": SCRIPT, "stage": stage, "config": dataclasses.asdict(cfg), "step": step, "best": best,
+                 "stale": stale, "data": data, **(extra or {}), **{k: p.state_dict() for k, p in parts.items() if p}}
+        for path in [out / "ckpt.pt"] + [out / "best.pt"] * (keep_best and improved) if RANK == 0 else []:
+            save_checkpoint(path, state)
+            (out / "config.json").write_text(json.dumps(state["config"], indent=1))
+    def evaluate_and_save():
+        nonlocal best, stale
+        with torch.no_grad(), ctx:
+            metrics = evaluate(raw.eval())
+        raw.train()
+        require(all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)) and all(p.isfinite().all()
+                for p in raw.parameters()), f"{stage} diverged by step {step}; stopped, {out}/ckpt.pt is from before")
+        log("val " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
+            split="val", **metrics)
+        improved = best is None or (metrics[metric] > best if higher else metrics[metric] < best)
+        best, stale = (metrics[metric], 0) if improved else (best, stale + 1)
+        save(improved)
+        return metrics
+    on_sigint = lambda *_: stopping.append((signal.signal(signal.SIGINT, signal.default_int_handler),  # then a 2nd
+                                            log0("Ctrl-C: stopping after this step (again: stop at once, unsaved)")))
+
+    stopping, metrics, start, stop = [], {}, step, min(total, cfg.max_steps or total)
+    nonfinite = torch.zeros((), device=device)  # the first step whose loss was not finite, 0 if none
+    handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    model, clock, t_last, logged = wrap(), lambda s: f"{s // 60:.0f}:{s % 60:02.0f}", time.time(), step
+    try:
+        while step < stop:
+            if on_step and on_step(step):
+                model = wrap()
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                with contextlib.nullcontext() if micro == cfg.grad_accum - 1 or WORLD == 1 else model.no_sync():
+                    with ctx:
+                        loss = loss_fn(model, batch)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                nonfinite = torch.where((nonfinite == 0) & ~loss.detach().isfinite(), step + 1.0, nonfinite)  # no sync
+            scaler.unscale_(opt)
+            for group in (clip(raw) if clip else [raw.parameters()]) if cfg.grad_clip > 0 else []:
+                nn.utils.clip_grad_norm_([p for p in group if p.requires_grad], cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched and sched.step()
+            step += 1
+            flag = torch.tensor(float(bool(stopping)), device=device if WORLD > 1 and device.type == "cuda" else "cpu")
+            WORLD > 1 and dist.all_reduce(flag, dist.ReduceOp.MAX)  # all ranks stop at the same step
+            evaluating = step % cfg.eval_interval == 0 or step == stop
+            if step % cfg.log_interval == 0 or evaluating or flag.item():
+                require(not nonfinite, f"the loss became {loss.item()} at step {nonfinite:.0f}; stopped, {out}/ckpt.pt "
+                        "(if any) is from before (try a lower learning rate)")
+                now, lr = time.time(), max(g["lr"] for g in opt.param_groups)
+                tok_s, logged = (step - logged) * tokens * WORLD / (now - t_last), step
+                eta, mfu, t_last = (now - t0) / (step - start) * (stop - step), tok_s * flops / WORLD / peak, now
+                rec = {"loss": loss.item(), "lr": lr, "tok_s": tok_s, "mfu": mfu, "elapsed": now - t0, "eta": eta}
+                log(f"loss {rec['loss']:.4g} | lr {lr:.1e} | {tok_s / 1e3:.1f}k tok/s | mfu {mfu:.1%} | "
+                    f"{clock(now - t0)} elapsed, eta {clock(eta)}", split="train", **rec)
+            metrics = evaluate_and_save() if evaluating else metrics
+            if flag.item():
+                evaluating or save()
+                log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
+                raise SystemExit(130)
+            if patience and stale >= patience and step < stop:
+                log0(f"early stopping at step {step}: no better dev {metric} in {patience} evaluations")
+                break
+    finally:
+        handler and signal.signal(signal.SIGINT, handler)
+    metrics = metrics or evaluate_and_save()  # resumed at the end of its schedule: evaluate once more
+    WORLD > 1 and dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
+    return {"step": step, **metrics, "best": best}
+
+def parse_config(argv, stages: dict):
+    """`[STAGE] [--preset P] [--FIELD VALUE ...]`: a flag per Config field with its choices and its presets'
+    values, grouped and explained by Config's own comments; numbers must be finite."""
+    doc = "\n".join(f"  {n or '(none)':12} {fn.__doc__.strip().splitlines()[0]}" for n, fn in stages.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="stages:\n" + doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: require(False, message)  # one line, exit status 2
+    p.add_argument("stage", nargs="?", choices=[s for s in stages if s], help="what to run (none: the main job)")
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="the values of the fields below")
+    number = lambda kind: lambda s: kind(s) if math.isfinite(kind(s)) else kind(f"{s} (not finite)")
+    kinds, group = typing.get_type_hints(Config), p
+    for line in inspect.getsource(Config).splitlines():
+        if m := re.fullmatch(r"    # (.+)", line):
+            group = p.add_argument_group(m[1])
+        elif m := re.fullmatch(r"    (\w+): .+? = .+?(?:  # (.*))?", line):
+            kind = kinds[m[1]]
+            how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(
+                choices=typing.get_args(kind) or None, type=number(kind) if kind in (int, float) else str)
+            values = {name: repr(getattr(c, m[1])) for name, c in PRESETS.items()}
+            values = ", ".join(f"{k} {v}" for k, v in values.items()) if len(set(values.values())) > 1 else values["paper"]
+            group.add_argument(f"--{m[1]}", help=f"{m[2] or ''} [{values}]".replace("%", "%%"), **how)
+    args = vars(p.parse_args(argv))
+    stage, preset = args.pop("stage"), args.pop("preset")
+    return stage, dataclasses.replace(PRESETS[preset], **{k: v for k, v in args.items() if v is not None})
+
+def run_main(argv, stages: dict):
+    """Parse, check and run a stage (None: the main job); bad input and Ctrl-C end in one line."""
+    try:
+        stage, cfg = parse_config(argv, stages)
+        validate(cfg)
+        return stages[stage](cfg)
+    except (UserError, KeyboardInterrupt) as e:  # bad input: status 2; Ctrl-C outside the loop's steps: 130
+        print(f"error: {e}" if isinstance(e, UserError) else "interrupted: nothing more was saved", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 130)
+# ==== end of harness ====
 
 def main(argv=None) -> dict:
-    stage, cfg = parse_config(argv, __doc__, STAGES, PRESETS)
-    try:
-        validate(cfg)
-        if stage == "pretrain":
-            return pretrain(cfg)
-        if stage == "finetune":
-            return finetune(cfg)
-        if stage == "sample":
-            return sample(cfg)
-        # the main job: pretrain into out_dir/pretrain, then sample from it
-        root = Path(cfg.out_dir)
-        metrics = pretrain(dataclasses.replace(cfg, out_dir=str(root / "pretrain")))
-        if int(os.environ.get("RANK", "0")) == 0:
-            log0(f"samples from {root / 'pretrain' / 'ckpt.pt'}:")
-            sample(dataclasses.replace(cfg, init_from=str(root / "pretrain" / "ckpt.pt"), resume=False))
-        return metrics
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
+    return run_main(argv, {None: main_job, "pretrain": pretrain, "finetune": finetune, "sample": sample})
 
 if __name__ == "__main__":
     main()

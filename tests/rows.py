@@ -20,3 +20,7 @@ class Rows:
     # (model in train mode, seed) -> scalar pretraining loss
     loss: Optional[Callable] = None
     zero_grad_ok: tuple = field(default_factory=tuple)  # parameter-name prefixes allowed a zero gradient
+    # seed -> [(what, hits, trials, rate)]: for each thing the script masks or drops at a configured rate
+    # (BERT's 15% and 80/10/10, each of ULMFiT's five dropouts, token or character dropout), how often it
+    # happened in `trials` independent chances, and the configured rate it must match (binomial bounds)
+    rates: Optional[Callable] = None

@@ -1,4 +1,5 @@
-"""Marked copies between scripts stay identical to their source (DESIGN.md, The house).
+"""The harness block is the same to the byte in all six scripts, and marked copies between scripts stay
+identical to their source (DESIGN.md, The house).
 
 `python tests/test_copies.py --fix` rewrites every drifted copy from its source (as Hugging Face's
 `make fix-copies`). A block in one script marked
@@ -19,6 +20,29 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [s for s in ["gpt.py", "transformer.py", "bert.py", "elmo.py", "ulmfit.py", "taglm.py"]
            if (ROOT / s).exists()]
 MARK = re.compile(r"^# Copied from (\w+\.py): (\w+)(?: with (.+))?$")
+HARNESS_START = "# ==== harness: the same in all six scripts (tests/test_copies.py checks) ===="
+HARNESS_END = "# ==== end of harness ===="
+
+
+def harness(path: Path) -> str | None:
+    """The harness block of a script, from its first marker line to its last, or None without one."""
+    lines = path.read_text().splitlines()
+    if lines.count(HARNESS_START) != 1 or lines.count(HARNESS_END) != 1:
+        return None
+    start, end = lines.index(HARNESS_START), lines.index(HARNESS_END)
+    return "\n".join(lines[start:end + 1]) if start < end else None
+
+
+def check_harness(paths: list[Path]) -> list[str]:
+    """Problems: a script without exactly one harness block, or whose block differs from the first script's."""
+    blocks = {p.name: harness(p) for p in paths}
+    problems = [f"{name}: no harness block between the marker lines" for name, b in blocks.items() if b is None]
+    reference = next((b for b in blocks.values() if b is not None), None)
+    for name, b in blocks.items():
+        if b is not None and b != reference:
+            first = next(i for i, (x, y) in enumerate(zip(b.splitlines() + [""], reference.splitlines() + [""])) if x != y)
+            problems.append(f"{name}: harness line {first + 1} differs from {paths[0].name}'s")
+    return problems
 
 
 def top_level(path: Path) -> dict[str, str]:
@@ -62,6 +86,34 @@ def check_copies(path: Path, root: Path = ROOT) -> list[str]:
         if copy_name not in mine or mine[copy_name] != expected:
             problems.append(f"{path.name}:{n}: copy of {source_file}:{name} differs from its source")
     return problems
+
+
+def test_harness_is_identical_in_all_six_scripts():
+    assert len(SCRIPTS) == 6
+    assert check_harness([ROOT / s for s in SCRIPTS]) == []
+    assert len(harness(ROOT / "gpt.py").splitlines()) <= 250
+
+
+def test_harness_checker_catches_a_drifted_copy(tmp_path):
+    block = [HARNESS_START, "def f():", "    return 1", HARNESS_END]
+    (tmp_path / "a.py").write_text("\n".join(["x = 1", *block, "main()"]))
+    (tmp_path / "b.py").write_text("\n".join(["y = 2", *block]))
+    (tmp_path / "c.py").write_text("\n".join([*block[:2], "    return 2", block[3]]))  # one line drifted
+    (tmp_path / "d.py").write_text("\n".join(block[:3]))  # no end marker
+    (tmp_path / "e.py").write_text("\n".join([*block, *block]))  # two blocks
+    paths = [tmp_path / f"{n}.py" for n in "abcde"]
+    assert check_harness(paths[:2]) == []
+    assert check_harness(paths) == ["d.py: no harness block between the marker lines",
+                                    "e.py: no harness block between the marker lines",
+                                    "c.py: harness line 3 differs from a.py's"]
+
+
+def test_each_script_is_short_and_meets_the_model_early():
+    for script in SCRIPTS:
+        lines = (ROOT / script).read_text().splitlines()
+        assert len(lines) <= 900, f"{script} has {len(lines)} lines"
+        first = next(n for n, line in enumerate(lines, 1) if re.match(r"class \w+\(nn\.Module\)", line))
+        assert first <= 200, f"{script}: the first nn.Module class starts at line {first}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -5,6 +5,7 @@ build a tiny model of that script, feed it and read its outputs. A row leaves a 
 property does not apply to that model (no attention in an LSTM, no causality in BERT).
 """
 import importlib
+import math
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,19 @@ def test_gradient_flow(row, seed):
         assert torch.isfinite(p.grad).all(), name
         if not any(name.startswith(z) for z in row.zero_grad_ok):
             assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+
+
+@rows_with("rates")
+@given(seed=st.integers(0, 2**16))
+def test_masking_and_dropout_rates(row, seed):
+    """Everything a script masks or drops at a configured rate happens at that rate: the observed count is
+    within 5 standard deviations of the binomial mean (a false alarm about once in two million checks), and
+    exactly never or always when the rate is 0 or 1. A wrong rate (15% read as 10%, a dropout applied twice
+    or to the wrong axis) is many deviations away at the trial counts the rows use."""
+    for what, hits, trials, rate in row.rates(seed):
+        assert trials > 0, what
+        if rate in (0.0, 1.0):
+            assert hits == rate * trials, (what, hits, trials, rate)
+            continue
+        sd = math.sqrt(trials * rate * (1 - rate))
+        assert abs(hits - trials * rate) <= 5 * sd, (what, hits, trials, rate)
