@@ -59,11 +59,10 @@ class Config:
     block_size: int = 512  # the context length, n_ctx
     vocab_size: int = 0  # embedding rows; 0: the tokenizer's size (more pads it, e.g. to a multiple of 64)
     dropout: float = 0.1  # embedding, attention and residual dropout (section 4.1)
-    # data and tokenizer
+    # pretrain (section 4.1: Adam, max lr 2.5e-4, 2000 warmup updates, cosine to 0, batch 64 x 512)
     data: str = "shakespeare"  # shakespeare, wikitext2, builtin, or a text file or folder
     tokenizer: Literal["auto", "char", "bpe"] = "auto"  # auto: characters for shakespeare, else BPE
     bpe_vocab_size: int = 4096  # 256 bytes + merges + 3 special tokens (GPT-1: 40,478)
-    # pretrain (section 4.1: Adam, max lr 2.5e-4, 2000 warmup updates, cosine to 0, batch 64 x 512)
     batch_size: int = 64
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2.5e-4
@@ -379,8 +378,8 @@ DATASETS = {  # name -> {file in the cache: (pinned URL, sha256)}; ../shared/dat
 }
 
 def load_lm_text(data: str) -> tuple[str, str, str]:
-    """(name, train text, validation text): a named dataset's or a folder's train.txt and valid.txt; or the last 10%
-    of a file's (a folder's) characters held out; builtin and offline: the Python docs, the last 8 topics held out."""
+    """(name, train text, validation text): a named dataset's or a folder's *train*.txt and *valid*.txt, else 10% of
+    a file's (all a folder's but *test* files') characters held out; builtin, offline: Python's docs, 8 topics out."""
     if data in DATASETS:
         data = str(download(data, "the built-in corpus (Python documentation)") or "builtin")
     if data == "builtin":
@@ -389,10 +388,11 @@ def load_lm_text(data: str) -> tuple[str, str, str]:
     path = Path(data)
     require(path.exists() or os.sep in data or "." in data, f"unknown dataset {data!r}: use one of "
             f"{', '.join(DATASETS)}, builtin, or a path to a text file or folder")
-    if (path / "train.txt").is_file() and (path / "valid.txt").is_file():
-        return path.name, read_text(path / "train.txt"), read_text(path / "valid.txt")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name[0] != ".") if path.is_dir() else [path]
-    text = "\n".join(read_text(p) for p in files) if files else read_text(path / "train.txt")
+    train, valid = (sorted(path.glob(f"*{split}*.txt")) if path.is_dir() else [] for split in ("train", "valid"))
+    if train and valid:  # train.txt and valid.txt, ptb.train.txt and ptb.valid.txt, ...
+        return path.name, read_text(train[0]), read_text(valid[0])
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not re.match(r"\.|.*test", p.name)) or [path]
+    text = "\n".join(read_text(p) for p in files)
     return path.name, text[:int(0.9 * len(text))], text[int(0.9 * len(text)):]
 
 class BlockSampler:
@@ -545,7 +545,7 @@ def pretrain(cfg: Config) -> dict:
 
 def finetune(cfg: Config) -> dict:
     """classification on --finetune_data from a pretrained checkpoint (sections 3.2-3.3)"""
-    ckpt = open_run(cfg, "finetune", ARCH_FIELDS + ("finetune_data",))
+    ckpt = open_run(cfg, "finetune", ("finetune_data",))  # the architecture is --init_from's, kept in the checkpoint
     device, _, _ = setup(cfg)
     require(cfg.init_from or ckpt, "finetune needs --init_from a checkpoint of gpt.py pretrain, or hf:DIR")
     gpt, tok, cfg = load_pretrained(cfg, ckpt)
@@ -647,7 +647,6 @@ def main_job(cfg: Config) -> dict:
 
 SCRIPT = Path(__file__).name  # written into checkpoints: each script reads only its own
 RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),
         (torch.get_rng_state, torch.set_rng_state), (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
 log0 = functools.partial(print, flush=True) if RANK == 0 else lambda *args, **kwargs: None  # rank 0 speaks
@@ -692,8 +691,8 @@ def setup(cfg) -> tuple[torch.device, torch.dtype, torch.autocast]:
     NLP_LINEAGE_AUTO_DTYPE in the environment sets what auto means), TF32, and under torchrun DDP."""
     name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else \
         "mps" if torch.backends.mps.is_available() else "cpu"
-    require(not name.startswith("cuda") or torch.cuda.is_available(), f"--device {name}: no CUDA GPU here")
-    require(name != "mps" or torch.backends.mps.is_available(), "--device mps: MPS is not available here")
+    require(re.fullmatch(r"cpu|mps|cuda(:\d+)?", name), f"--device must be auto, cpu, cuda[:N] or mps, not {name!r}")
+    require(name == "cpu" or (torch.backends.mps if name == "mps" else torch.cuda).is_available(), f"no {name} here")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls on CUDA
     device.type == "cuda" and torch.cuda.set_device(device)
@@ -702,11 +701,11 @@ def setup(cfg) -> tuple[torch.device, torch.dtype, torch.autocast]:
         cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else "avx512_bf16" in cpu or "amx_bf16" in cpu
         dtype = "bfloat16" if fast and device.type != "mps" else "float32"
-    require(dtype in DTYPES, f"NLP_LINEAGE_AUTO_DTYPE must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    require(dtype in ("float32", "bfloat16", "float16"), f"NLP_LINEAGE_AUTO_DTYPE must be a --dtype, not {dtype!r}")
     if WORLD > 1 and not dist.is_initialized():  # one process group for all the stages of a main job
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(dist.destroy_process_group)
-    return device, DTYPES[dtype], torch.autocast(device.type, DTYPES[dtype], enabled=dtype != "float32")
+    return device, getattr(torch, dtype), torch.autocast(device.type, getattr(torch, dtype), enabled=dtype != "float32")
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: a temporary file, fsync, then a rename over the old one; a crash leaves one or the other."""
@@ -726,12 +725,13 @@ def load_checkpoint(path, stages=()) -> dict:
         raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
     script = ckpt.get("script", "another program") if isinstance(ckpt, dict) else "another program"
     require(script == SCRIPT, f"{path} was written by {script}, not by {SCRIPT}")
-    require(not stages or ckpt["stage"] in stages, f"{path} is a {ckpt['stage']} checkpoint, not {'/'.join(stages)}")
+    stage = ckpt.get("stage")
+    require(not stages or stage in stages, f"{path} is a {stage} checkpoint, not {' or '.join(stages)}")
     return ckpt
 
 def open_run(cfg, stage: str, fields=()) -> dict | None:
     """The start of a training stage: seed, check out_dir before anything is read or written, and with
-    --resume return its checkpoint, which must agree on `fields` (except those at 0, derived from the data)."""
+    --resume return its checkpoint, which must agree on `fields` (but those at 0 or "": derived from the data)."""
     for seed in (torch.manual_seed, random.seed, np.random.seed):
         seed(cfg.seed + RANK)
     out = Path(cfg.out_dir)
@@ -740,9 +740,16 @@ def open_run(cfg, stage: str, fields=()) -> dict | None:
     require(cfg.resume or not (out / "ckpt.pt").exists(), f"{out} holds a run: continue it with --resume or give "
             "another --out_dir")
     ckpt = load_checkpoint(out / "ckpt.pt", (stage,)) if cfg.resume else None
-    for f in [f for f in fields if ckpt and getattr(cfg, f) not in (0, ckpt["config"][f])]:
-        raise UserError(f"{out} was trained with --{f} {ckpt['config'][f]}, not {getattr(cfg, f)}; resume with that")
+    for f in [f for f in fields if ckpt and (v := getattr(cfg, f)) != ckpt["config"].get(f) and (v or v is False)]:
+        raise UserError(f"{out} was trained with --{f} {ckpt['config'].get(f)}, not {getattr(cfg, f)}")
     return ckpt
+
+def log_metrics(out, text: str, **record) -> None:
+    """`text` for people on stdout, and `record` as one JSON line in out_dir/metrics.jsonl (rank 0 only)."""
+    if RANK == 0:
+        print(text, flush=True)
+        with open(Path(out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, evaluate, ckpt=None, *,
                total: int, tokens: int, flops=0.0, extra=None, metric="loss", patience=0, keep_best=False,
@@ -768,19 +775,11 @@ def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, 
         log0(f"resumed {stage} from {out / 'ckpt.pt'} at step {step}")
     RANK == 0 and out.mkdir(parents=True, exist_ok=True)
     a, sync = torch.full((1024, 1024), 0.5, device=device, dtype=dtype), getattr(torch, device.type).synchronize
-    a @ a  # a warm-up; then the measured matmul peak, MFU's denominator
-    sync()
+    a @ a, sync()  # a warm-up, then the measured matmul peak: MFU's denominator
     t_peak = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    sync()
+    [a @ a for _ in range(5)], sync()
     peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t_peak)
 
-    def log(text, **record):  # a line for people on stdout, and one JSON line in out_dir/metrics.jsonl
-        log0(f"step {step}/{total} | {text}")
-        if RANK == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
     def wrap():  # DDP registers the parameters that train now
         m = torch.compile(raw) if cfg.compile else raw
         return nn.parallel.DistributedDataParallel(m) if WORLD > 1 else m
@@ -799,8 +798,8 @@ def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, 
         raw.train()
         require(all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)) and all(p.isfinite().all()
                 for p in raw.parameters()), f"{stage} diverged by step {step}; stopped, {out}/ckpt.pt is from before")
-        log("val " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
-            split="val", **metrics)
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        log_metrics(out, f"step {step}/{total} | val {shown}", step=step, split="val", **metrics)
         improved = best is None or (metrics[metric] > best if higher else metrics[metric] < best)
         best, stale = (metrics[metric], 0) if improved else (best, stale + 1)
         save(improved)
@@ -811,7 +810,7 @@ def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, 
     stopping, metrics, start, stop = [], {}, step, min(total, cfg.max_steps or total)
     nonfinite = torch.zeros((), device=device)  # the first step whose loss was not finite, 0 if none
     handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
-    model, clock, t_last, logged = wrap(), lambda s: f"{s // 60:.0f}:{s % 60:02.0f}", time.time(), step
+    model, hms, t_last, logged = wrap(), lambda s: f"{s // 60:.0f}:{s % 60:02.0f}", time.time(), step
     try:
         while step < stop:
             if on_step and on_step(step):
@@ -840,9 +839,9 @@ def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, 
                 now, lr = time.time(), max(g["lr"] for g in opt.param_groups)
                 tok_s, logged = (step - logged) * tokens * WORLD / (now - t_last), step
                 eta, mfu, t_last = (now - t0) / (step - start) * (stop - step), tok_s * flops / WORLD / peak, now
-                rec = {"loss": loss.item(), "lr": lr, "tok_s": tok_s, "mfu": mfu, "elapsed": now - t0, "eta": eta}
-                log(f"loss {rec['loss']:.4g} | lr {lr:.1e} | {tok_s / 1e3:.1f}k tok/s | mfu {mfu:.1%} | "
-                    f"{clock(now - t0)} elapsed, eta {clock(eta)}", split="train", **rec)
+                text = f"loss {loss.item():.4g} | lr {lr:.1e} | {tok_s:,.0f} tok/s | mfu {mfu:.1%} | {hms(now - t0)}"
+                log_metrics(out, f"step {step}/{total} | {text} elapsed, eta {hms(eta)}", step=step, split="train",
+                            loss=loss.item(), lr=lr, tok_s=tok_s, mfu=mfu, elapsed=now - t0, eta=eta)
             metrics = evaluate_and_save() if evaluating else metrics
             if flag.item():
                 evaluating or save()
@@ -866,7 +865,6 @@ def parse_config(argv, stages: dict):
     p.error = lambda message: require(False, message)  # one line, exit status 2
     p.add_argument("stage", nargs="?", choices=[s for s in stages if s], help="what to run (none: the main job)")
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="the values of the fields below")
-    number = lambda kind: lambda s: kind(s) if math.isfinite(kind(s)) else kind(f"{s} (not finite)")
     kinds, group = typing.get_type_hints(Config), p
     for line in inspect.getsource(Config).splitlines():
         if m := re.fullmatch(r"    # (.+)", line):
@@ -874,12 +872,14 @@ def parse_config(argv, stages: dict):
         elif m := re.fullmatch(r"    (\w+): .+? = .+?(?:  # (.*))?", line):
             kind = kinds[m[1]]
             how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(
-                choices=typing.get_args(kind) or None, type=number(kind) if kind in (int, float) else str)
-            values = {name: repr(getattr(c, m[1])) for name, c in PRESETS.items()}
-            values = ", ".join(f"{k} {v}" for k, v in values.items()) if len(set(values.values())) > 1 else values["paper"]
-            group.add_argument(f"--{m[1]}", help=f"{m[2] or ''} [{values}]".replace("%", "%%"), **how)
+                choices=typing.get_args(kind) or None, type=kind if kind in (int, float) else str)
+            vals = {name: repr(getattr(c, m[1])) for name, c in PRESETS.items()}
+            vals = ", ".join(f"{k} {v}" for k, v in vals.items()) if len(set(vals.values())) > 1 else vals["paper"]
+            group.add_argument(f"--{m[1]}", help=f"{m[2] or ''} [{vals}]".replace("%", "%%"), **how)
     args = vars(p.parse_args(argv))
     stage, preset = args.pop("stage"), args.pop("preset")
+    for k, v in args.items():
+        require(not isinstance(v, float) or math.isfinite(v), f"--{k} must be a finite number, not {v}")
     return stage, dataclasses.replace(PRESETS[preset], **{k: v for k, v in args.items() if v is not None})
 
 def run_main(argv, stages: dict):

@@ -14,13 +14,23 @@ import pytest
 import torch
 
 FP32 = ["--device", "cpu", "--dtype", "float32"]
-# For each script: a short training stage (12 steps, evaluated every 4), the stage it writes, another stage
-# that starts from it with --init_from, and the flags naming a size, a dropout and the data.
+# For each script: a short training stage (12 steps, evaluated every 4), another stage that starts from a
+# checkpoint with --init_from, and the flags naming a size, a dropout (with a value out of its range), the data.
+SHORT = ["--preset", "tiny", "--data", "builtin", "--total_steps", "12", "--eval_interval", "4", "--log_interval", "2"]
 SCRIPTS = {
-    "gpt": dict(train=["pretrain", "--preset", "tiny", "--data", "builtin", "--total_steps", "12", "--eval_interval",
-                       "4", "--log_interval", "2"], stage="pretrain",
-                later=["finetune", "--preset", "tiny", "--finetune_data", "builtin", "--max_steps", "2"],
-                size="--n_layer", dropout="--dropout", data="--data"),
+    "elmo": dict(train=["pretrain", *SHORT], later=["task", "--preset", "tiny", "--task_data", "builtin"],
+                 size="--lstm_dim", dropout=("--dropout", "1.0"), data="--data"),
+    "gpt": dict(train=["pretrain", *SHORT], later=["finetune", "--preset", "tiny", "--finetune_data", "builtin"],
+                size="--n_layer", dropout=("--dropout", "1.0"), data="--data"),
+    "bert": dict(train=["pretrain", *SHORT], later=["finetune", "--preset", "tiny", "--finetune_data", "builtin"],
+                 size="--n_layer", dropout=("--dropout", "1.0"), data="--data"),
+    "transformer": dict(train=["train", *SHORT], later=["translate", "--preset", "tiny"],
+                        size="--n_layer", dropout=("--dropout", "1.0"), data="--data"),
+    "taglm": dict(train=["pretrain-lm", *SHORT[:4], "--lm_total_steps", "12", *SHORT[6:]],
+                  later=["tag", "--preset", "tiny", "--tag_data", "builtin"],
+                  size="--lm_hidden", dropout=("--lm_dropout", "1.0"), data="--data"),
+    "ulmfit": dict(train=["pretrain", *SHORT], later=["finetune-lm", "--preset", "tiny", "--task_data", "builtin"],
+                   size="--n_hid", dropout=("--drop_mult", "2.0"), data="--data"),
 }
 PARAMS = pytest.mark.parametrize("name", sorted(SCRIPTS))
 
@@ -250,7 +260,7 @@ def test_every_documented_bad_input_is_one_line(name, tmp_path, capsys):
              ([s["size"], "0"], s["size"][2:]),
              ([s["size"], "-3"], s["size"][2:]),
              ([s["size"], "two"], "invalid"),
-             ([s["dropout"], "1.0"], s["dropout"][2:]),
+             ([*s["dropout"]], s["dropout"][0][2:]),
              (["--dtype", "float8"], "invalid choice"),
              (["--no_such_flag", "1"], "unrecognized"),
              (["--max_steps", "-1"], "max_steps")]
@@ -269,7 +279,7 @@ def test_help_lists_the_stages_and_explains_every_field(name, capsys):
     fields = typing.get_type_hints(mod.Config)
     for field in fields:
         assert f"--{field}" in out, field
-    assert "run control:" in out and "(default" not in out
+    assert "run control" in out and "(default" not in out
     assert f"paper {getattr(mod.PRESETS['paper'], SCRIPTS[name]['size'][2:])}" in out  # each preset's value
 
 
