@@ -56,7 +56,7 @@ def throughput(repeats: int, steps: int):
     batch = {"input_ids": ids, "token_type_ids": (torch.arange(T) >= T // 2).long().expand(B, T),
              "attention_mask": torch.ones(B, T, dtype=torch.bool), "mlm_labels": labels,
              "nsp_labels": torch.randint(2, (B,))}
-    flops_per_step = ours.flops_per_token(T) * B * T
+    flops_per_step = bert.flops_per_token(cfg, T, cfg.masked_lm_prob) * B * T
 
     def hf_loss(m):
         return m(input_ids=ids, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"].long(),
@@ -102,7 +102,7 @@ def run(args: list[str]) -> float:
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(out.stderr[-3000:])
-    lines = out.stdout.strip().splitlines()
+    lines = out.stdout.strip().split("\n")
     print("\n".join(lines[:3] + ["..."] + lines[-2:]))
     print(f"wall time {time.time() - t0:.1f} s", flush=True)
     return time.time() - t0
@@ -119,7 +119,7 @@ def quality(a):
     ckpt["model"] = bert.build_model(bert.Config(**ckpt["config"])).state_dict()
     (out / "random").mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, out / "random" / "ckpt.pt")
-    rows = (SHARED / "sst2" / "train.tsv").read_text().splitlines()
+    rows = (SHARED / "sst2" / "train.tsv").read_text().rstrip("\n").split("\n")
     header, rows = rows[0], rows[1:]
     sample = random.Random(a.seed).sample(rows, min(a.train_examples, len(rows)))
     (out / "sst2").mkdir(exist_ok=True)
@@ -130,9 +130,9 @@ def quality(a):
         run(["finetune", *common, "--init_from", str(out / init / "ckpt.pt"), "--finetune_data", str(out / "sst2"),
              "--finetune_epochs", str(a.finetune_epochs), "--eval_interval", "100000", "--log_interval", "100",
              "--out_dir", str(out / f"finetune-{init}")])
-        metrics = [json.loads(x) for x in (out / f"finetune-{init}" / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(x) for x in (out / f"finetune-{init}" / "metrics.jsonl").read_text().split("\n") if x]
         result[init] = [m for m in metrics if m["split"] == "val"][-1]["acc"]
-    pre = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    pre = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().split("\n") if x]
     val = [m for m in pre if m["split"] == "val"][-1]
     print(f"pretraining: MLM accuracy {val['mlm_acc']:.3f}, NSP accuracy {val['nsp_acc']:.3f}; SST-2 dev accuracy "
           f"from pretrained {result['pretrain']:.3f}, from random init {result['random']:.3f}, "
