@@ -4,75 +4,46 @@ Paper: Ashish Vaswani, Noam Shazeer, Niki Parmar, Jakob Uszkoreit, Llion Jones, 
 Illia Polosukhin, "Attention Is All You Need", NeurIPS 2017, arXiv:1706.03762.
 
 What this file reproduces
-  - Section 3: encoder and decoder stacks of N layers; every sublayer is `LayerNorm(x + Dropout(Sublayer(x)))`
-    (post-LN); multi-head scaled dot-product attention (eq. 1) in three kinds: encoder self-attention,
-    masked decoder self-attention and encoder-decoder attention; the position-wise feed-forward network
-    with ReLU (eq. 2); sinusoidal positional encodings (section 3.5); embeddings multiplied by sqrt(d_model)
-    and one weight matrix shared by the source embedding, the target embedding and the pre-softmax linear
-    transformation (section 3.4, with a shared BPE vocabulary).
-  - Section 5: batches of sentence pairs of similar length holding about 25,000 source plus 25,000 target
-    tokens (5.1); Adam with beta1 0.9, beta2 0.98, eps 1e-9 and lrate = d_model^-0.5 *
-    min(step^-0.5, step * warmup^-1.5), warmup 4000 (5.3, eq. 3); dropout 0.1 on every sublayer output and
-    on the embedding-plus-position sums, label smoothing 0.1 (5.4).
-  - Section 6.1: beam search with beam 4 and length penalty alpha 0.6 (the GNMT form ((5+|Y|)/6)^alpha),
-    maximum output length input length + 50, stopping early when every beam has ended; averaging the last
-    checkpoints (the paper averages the last 5 for the base model); BLEU (here sacreBLEU's: 13a tokens).
+  - Section 3: encoder and decoder layers, each sublayer post-LN, `LayerNorm(x + Dropout(Sublayer(x)))`; multi-head
+    attention (eq. 1) within the source, within the target so far (masked) and from the target to the encoder's
+    output; the ReLU feed-forward network (eq. 2); sinusoidal positions; embeddings times sqrt(d_model), one matrix
+    for the source and target embeddings and the output layer (a shared vocabulary).
+  - Section 5: batches of pairs of similar length, about 25,000 source + 25,000 target tokens; Adam (0.9, 0.98,
+    1e-9) with eq. 3's warmup then inverse square root decay; dropout 0.1; label smoothing 0.1.
+  - Section 6.1: beam search (beam 4, length penalty alpha 0.6, at most input length + 50 tokens, keys and values
+    cached); averaging the last 5 checkpoints (copies kept at each evaluation); BLEU as sacreBLEU's (13a tokens).
 
-Run it
-  python transformer.py                          # main job: small preset on Multi30k de->en, then test BLEU
+Run it (`--help` lists every field, grouped by stage)
+  python transformer.py                             # main job: small preset, Multi30k de->en, then test BLEU
   python transformer.py train --data multi30k --out_dir out/m30k
-  python transformer.py translate --init_from out/m30k/ckpt.pt < sentences.de
-  python transformer.py average out/m30k/ckpt_*.pt --out_dir out/avg   # one loadable averaged checkpoint
-  torchrun --nproc_per_node=2 transformer.py train ...                  # data parallel
+  python transformer.py average --init_from out/m30k --out_dir out/avg     # or --init_from a.pt,b.pt,c.pt
+  python transformer.py translate --init_from out/avg/ckpt.pt < sentences.de > sentences.en
+  torchrun --nproc_per_node=2 transformer.py train ...                           # data parallel
 
-Stages: `train` (the fields of sections 5.1-5.4), `translate` (the decoding fields; reads stdin), `average`
-(takes checkpoint paths). The main job trains into out_dir/train, then prints translations of a few test
-sentences and the test BLEU.
-
-Data: `--data multi30k` (Multi30k task 1, German to English, raw cased text; downloaded once and checked),
-a folder with {train,val,test}.{src,tgt} (`--src de --tgt en`; test may be named test_2016_flickr; a
-missing test split is replaced by val), or `builtin`: a SYNTHETIC copy task generated here (the target is
-the source, a random string of 8 digits), the task of the Annotated Transformer, used offline and in the
-tests.
+Data: multi30k (task 1, raw cased), a folder with {train,val,test}.{src,tgt} (test may be test_2016_flickr, else
+val is used), or builtin: a SYNTHETIC copy task (8 random digits), offline and in the tests. A pair longer than
+--max_len is an error that names a --max_len that fits.
 
 Deliberate deviations from the paper
-  - Vocabulary: a shared byte-level BPE (GPT-2's form, as gpt.py) with <s>, </s> and <pad> as its last
-    three ids, instead of the paper's 37k sentencepiece-style BPE; 8k tokens for Multi30k.
-  - The source gets </s> appended (as fairseq does), so an empty line still has a key to attend to.
-  - `norm_first=True` gives pre-LN sublayers `x + Dropout(Sublayer(LN(x)))` with a final LayerNorm on each
-    stack: not the paper, but it trains without warmup trouble. Off by default and in all presets.
-  - The paper does not state the initialisation: Linear weights are Xavier-uniform (as the Annotated
-    Transformer and tensor2tensor), the shared embedding N(0, d_model^-0.5) so that after the sqrt(d_model)
-    scale it has unit variance (as fairseq). LayerNorm eps 1e-6 (tensor2tensor's).
-  - Smaller presets scale the warmup with their length: the paper warms up over 4000 of 100k steps (4%);
-    `small` over 200 of its 600 steps (a few minutes of a 2-core CPU), `tiny` over 30 of 300. Since
-    eq. 3 grows as d_model and warmup shrink, `lr_factor` (1 in the paper; the Annotated Transformer's
-    `factor`) scales it down: 0.5 in `small`, 0.3 in `tiny`.
-  - No attention dropout and no dropout after the ReLU: the paper has neither (tensor2tensor and the
-    Annotated Transformer add both).
+  - Vocabulary: a byte-level BPE (GPT-2's, as gpt.py) over both languages, 8k tokens for Multi30k, <s> </s> <pad>
+    last; the paper had a shared byte-pair encoding of about 37k tokens for EN-DE, 32k word-pieces for EN-FR.
+    The source ends in </s> (as fairseq's), so an empty line still has a key to attend to.
+  - Unstated in the paper: Xavier-uniform Linear weights, the embedding N(0, d_model^-0.5) (unit variance once
+    scaled), LayerNorm eps 1e-6 (tensor2tensor, fairseq). No attention or ReLU dropout: the paper has neither.
+  - Warmup scaled to the run by the presets: 4000 of the paper's 100k steps, 200 of `small`'s 600, 30 of `tiny`'s 300;
+    eq. 3 peaks higher as d_model and warmup shrink, so `lr_factor` (1 in the paper) scales it: 0.5 small, 0.3 tiny.
+  - Dropped: the `norm_first` (pre-LN) option, never in the paper, and the separate greedy decoder: beam search
+    with --beam_size 1 picks the same tokens (tests/test_transformer.py checks it).
 """
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import contextlib
-import dataclasses
-import gzip
-import hashlib
-import heapq
-import json
-import math
-import os
-import random
-import re
-import shutil
-import sys
-import time
-import urllib.request
+import argparse, atexit, contextlib, dataclasses, functools, gzip, hashlib, heapq, inspect, json, math, os, random
+import re, signal, sys, threading, time, typing, unicodedata, urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -84,430 +55,104 @@ from einops import rearrange
 # -----------------------------------------------------------------------------------------------------
 # Config
 
-
 @dataclass
 class Config:
-    # model: the base model of Table 3 (section 3)
+    # model (section 3: the base model of Table 3)
     n_layer: int = 6  # N, in the encoder and in the decoder
     d_model: int = 512
-    d_ff: int = 2048  # inner layer of the feed-forward networks (eq. 2)
-    n_head: int = 8  # h; d_k = d_v = d_model / h = 64
-    dropout: float = 0.1  # P_drop: sublayer outputs and embedding sums (section 5.4)
-    norm_first: bool = False  # False: post-LN as the paper; True: pre-LN (a deviation, see the docstring)
-    max_len: int = 256  # longest source or target in tokens (the sinusoid table)
-    vocab_size: int = 0  # the shared BPE vocabulary with <s> </s> <pad> last; 0 = the tokenizer's size
-    label_smoothing: float = 0.1  # epsilon_ls (section 5.4)
+    d_ff: int = 2048  # the inner layer of the feed-forward networks (eq. 2)
+    n_head: int = 8  # h; d_k = d_v = d_model / h
+    dropout: float = 0.1  # P_drop, on every sublayer output and on the embedding sums (section 5.4)
+    max_len: int = 256  # the longest source or target in tokens (sinusoids are computed, so any model runs at any)
+    vocab_size: int = 0  # the shared vocabulary, <s> </s> <pad> last; 0: the tokenizer's size
     # data and vocabulary (section 5.1)
-    data: str = "multi30k"  # multi30k | builtin | a folder with {train,val,test}.{src,tgt}
-    src: str = "de"
+    data: str = "multi30k"  # multi30k, builtin, or a folder with {train,val,test}.{src,tgt}
+    src: str = "de"  # the source language: its files' suffix
     tgt: str = "en"
-    bpe_vocab_size: int = 37000  # shared source-target BPE, about 37,000 tokens for WMT En-De
-    batch_tokens: int = 50000  # about 25,000 source + 25,000 target tokens per batch, padding included
-    # optimizer and schedule (section 5.3): Adam, lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    bpe_vocab_size: int = 37000  # one BPE for both languages (about 37,000 tokens for WMT EN-DE)
+    # train (sections 5.1-5.4)
+    batch_tokens: int = 50000  # source + target tokens per batch, padding included (about 25,000 + 25,000)
+    grad_accum: int = 1  # batches per optimizer step
     warmup_steps: int = 4000
-    lr_factor: float = 1.0  # multiplies eq. 3; 1 in the paper (the Annotated Transformer's `factor`)
-    total_steps: int = 100_000  # the base model: 100,000 steps
+    lr_factor: float = 1.0  # multiplies eq. 3 (1 in the paper; the Annotated Transformer's `factor`)
+    total_steps: int = 100_000  # the schedule's length: the base model's 100k steps
     beta1: float = 0.9
     beta2: float = 0.98
     adam_eps: float = 1e-9
-    weight_decay: float = 0.0  # the paper uses none
-    grad_clip: float = 0.0  # the paper clips nothing; > 0 clips the gradient norm
-    grad_accum: int = 1
-    keep_checkpoints: int = 5  # copies ckpt_STEP.pt of the last k checkpoints, for `average` (section 6.1)
-    # decoding (section 6.1)
-    beam_size: int = 4  # 1 = greedy
-    length_penalty: float = 0.6  # alpha of ((5 + |Y|) / 6)^alpha
-    max_extra_len: int = 50  # maximum output length = input length + 50
+    weight_decay: float = 0.0  # none in the paper; decoupled, on matrices only
+    grad_clip: float = 0.0  # none in the paper; 0: no clipping
+    label_smoothing: float = 0.1  # epsilon_ls (section 5.4)
+    keep_checkpoints: int = 5  # copies ckpt_STEP.pt of the weights at the last 5 evaluations, for average (0: none)
+    # translate and average (section 6.1; also the test BLEU that ends train)
+    beam_size: int = 4  # 1: greedy search
+    length_penalty: float = 0.6  # alpha in ((5 + |Y|) / 6)^alpha
+    max_extra_len: int = 50  # the longest output: input length + 50
+    average_last: int = 5  # --init_from a folder: average its last 5 kept copies (the paper's, base model)
     # run control
     out_dir: str = "out/transformer"
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False
-    seed: int = 1337
-    eval_interval: int = 1000  # validation loss over the whole split, and a checkpoint
+    init_from: str = ""  # train, translate: a checkpoint; average: a training out_dir, or checkpoints a.pt,b.pt
+    resume: bool = False  # continue the run in out_dir exactly
+    max_steps: int = 0  # stop this run at this step (0: run the whole schedule)
+    eval_interval: int = 1000  # the loss over the validation split, a checkpoint and a kept copy
     log_interval: int = 100
-    max_steps: int = 0  # stop this run early at this step (0 = run the whole schedule)
-    resume: bool = False
-    init_from: str = ""  # a checkpoint: its weights and vocabulary (train), or the model to translate with
-
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; master weights stay fp32
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
 
 PRESETS = {
-    "paper": Config(),  # 6 + 6 layers, d_model 512: 63.1M parameters with a 37,000-token shared vocabulary
+    "paper": Config(),  # 6 + 6 layers, d_model 512: 63.1M parameters with a 37,000-token vocabulary
     "small": Config(n_layer=3, d_model=256, d_ff=1024, n_head=4, bpe_vocab_size=8000, batch_tokens=4000,
                     warmup_steps=200, lr_factor=0.5, total_steps=600, eval_interval=200, log_interval=20),
     "tiny": Config(n_layer=2, d_model=64, d_ff=128, n_head=4, dropout=0.0, max_len=64, bpe_vocab_size=300,
                    batch_tokens=1600, warmup_steps=30, lr_factor=0.3, total_steps=300, eval_interval=300,
-                   log_interval=100, keep_checkpoints=2, beam_size=2),
+                   log_interval=100, keep_checkpoints=0, beam_size=2, max_extra_len=10),
 }
-ARCH_FIELDS = ("n_layer", "d_model", "d_ff", "n_head", "norm_first", "max_len", "vocab_size")
-STAGES = ("train", "translate", "average")
-SPECIALS = ("<s>", "</s>", "<pad>")  # the last three ids of the vocabulary: BOS, EOS, PAD
-
-
-# Copied from gpt.py: UserError
-class UserError(Exception):
-    """Bad input: main() prints it as one line `error: ...` and exits with status 2."""
-
+ARCH_FIELDS = ("n_layer", "d_model", "d_ff", "n_head", "vocab_size")
 
 def validate(cfg: Config) -> None:
-    for name in ("n_layer", "d_model", "d_ff", "n_head", "max_len", "batch_tokens", "total_steps",
-                 "grad_accum", "beam_size", "eval_interval", "log_interval"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("vocab_size", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "keep_checkpoints",
-                 "max_extra_len", "length_penalty"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    if cfg.d_model % cfg.n_head:
-        raise UserError(f"--n_head {cfg.n_head} must divide --d_model {cfg.d_model}")
-    if cfg.d_model % 2:
-        raise UserError(f"--d_model must be even for the sin/cos positional encoding, got {cfg.d_model}")
-    for name in ("dropout", "label_smoothing"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.warmup_steps == 0:
-        raise UserError("--warmup_steps must be positive: the schedule divides by it (eq. 3)")
-    if not (0 < cfg.beta1 < 1 and 0 < cfg.beta2 < 1 and cfg.adam_eps > 0 and cfg.lr_factor > 0):
-        raise UserError("--beta1 and --beta2 must be in (0, 1), --adam_eps and --lr_factor positive")
-    if cfg.bpe_vocab_size < 256 + len(SPECIALS):
-        raise UserError(f"--bpe_vocab_size must be at least {256 + len(SPECIALS)} (bytes + specials)")
-    if cfg.src == cfg.tgt:
-        raise UserError(f"--src and --tgt must name different languages, both are {cfg.src!r}")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu, cuda or mps, not {cfg.device!r}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {cfg.dtype!r}")
-
-
-# -----------------------------------------------------------------------------------------------------
-# Vocabulary: one byte-level BPE learned over both languages (section 5.1's shared source-target BPE)
-
-# GPT-2's pre-tokenizer (as gpt.py): BPE merges never cross these pieces.
-PRETOKENIZE = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
-
-
-# Copied from gpt.py: ByteBPE
-class ByteBPE:
-    """Byte-level BPE: every string is its UTF-8 bytes, merged pairwise in the order the merges were learned.
-
-    `pieces[i]` are the bytes of token i: by default the 256 bytes, then one token per merge, then the
-    special tokens. Training counts symbol pairs over word *types* weighted by their frequency and updates
-    those counts incrementally after each merge (a heap with lazy deletion finds the most frequent pair),
-    so a few thousand merges over WikiText-2 take seconds. Ties break towards the smaller pair of ids.
-    """
-
-    def __init__(self, merges: list, specials: tuple = (), pieces: list | None = None):
-        if pieces is None:
-            pieces = [bytes([b]) for b in range(256)]
-            for a, b in merges:
-                pieces.append(pieces[a] + pieces[b])
-        self.merges, self.pieces = [tuple(m) for m in merges], list(pieces)
-        id_of = {p: i for i, p in enumerate(self.pieces)}
-        self.byte_ids = [id_of[bytes([b])] for b in range(256)]
-        self.ranks = {(a, b): (r, id_of[self.pieces[a] + self.pieces[b]]) for r, (a, b) in enumerate(self.merges)}
-        self.specials = {s: len(self.pieces) + i for i, s in enumerate(specials)}
-        self.cache: dict[str, list[int]] = {}
-
-    def __len__(self):
-        return len(self.pieces) + len(self.specials)
-
-    @classmethod
-    def train(cls, text: str, vocab_size: int, specials: tuple = ()) -> "ByteBPE":
-        words = Counter(PRETOKENIZE.findall(text))
-        seqs = [list(w.encode("utf-8")) for w in words]
-        freqs = list(words.values())
-        pair_count: Counter = Counter()
-        where: dict[tuple[int, int], set[int]] = {}
-        for i, (s, f) in enumerate(zip(seqs, freqs)):
-            for pair in zip(s, s[1:]):
-                pair_count[pair] += f
-                where.setdefault(pair, set()).add(i)
-        heap = [(-c, p) for p, c in pair_count.items()]
-        heapq.heapify(heap)
-        merges = []
-        while len(merges) < vocab_size - 256 - len(specials) and heap:
-            neg, pair = heapq.heappop(heap)
-            if pair_count.get(pair, 0) != -neg:
-                continue  # a stale heap entry: its count changed since it was pushed
-            new = 256 + len(merges)
-            merges.append(pair)
-            changed = set()
-            for i in where.pop(pair):
-                s, f = seqs[i], freqs[i]
-                for p in zip(s, s[1:]):  # take this word's pairs out, merge, put the new ones in
-                    pair_count[p] -= f
-                    changed.add(p)
-                seqs[i] = s = cls._merge(s, pair, new)
-                for p in zip(s, s[1:]):
-                    pair_count[p] += f
-                    where.setdefault(p, set()).add(i)
-                    changed.add(p)
-            del pair_count[pair]
-            for p in changed - {pair}:
-                if pair_count[p] > 0:
-                    heapq.heappush(heap, (-pair_count[p], p))
-        return cls(merges, specials)
-
-    @staticmethod
-    def _merge(ids: list, pair: tuple, new: int) -> list:
-        out, j = [], 0
-        while j < len(ids):
-            if j + 1 < len(ids) and ids[j] == pair[0] and ids[j + 1] == pair[1]:
-                out.append(new)
-                j += 2
-            else:
-                out.append(ids[j])
-                j += 1
-        return out
-
-    def _encode_word(self, word: str) -> list[int]:
-        ids = self.cache.get(word)
-        if ids is None:
-            ids = [self.byte_ids[b] for b in word.encode("utf-8")]
-            while len(ids) > 1:  # apply the earliest-learned merge present, everywhere, as training did
-                pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, (math.inf,))[0])
-                if pair not in self.ranks:
-                    break
-                ids = self._merge(ids, pair, self.ranks[pair][1])
-            self.cache[word] = ids
-        return ids
-
-    def encode(self, text: str) -> list[int]:
-        return [i for w in PRETOKENIZE.findall(text) for i in self._encode_word(w)]
-
-    def decode(self, ids) -> str:
-        names = {i: s.encode("utf-8") for s, i in self.specials.items()}
-        data = b"".join(self.pieces[i] if i < len(self.pieces) else names.get(i, b"") for i in ids)
-        return data.decode("utf-8", errors="replace")
-
-    def state(self) -> dict:
-        return {"kind": "bpe", "merges": self.merges, "specials": list(self.specials), "pieces": self.pieces}
-
-
-def tokenizer_from_state(state: dict) -> ByteBPE:
-    return ByteBPE(state["merges"], tuple(state["specials"]), state["pieces"])
-
-
-# -----------------------------------------------------------------------------------------------------
-# Data: Multi30k (downloaded once into a cache and checked), a local parallel corpus, the copy task
-
-M30K = ("https://raw.githubusercontent.com/multi30k/dataset/a3d2e0d26b56f3846f66a952536ffed4e401d05a/"
-        "data/task1/raw/")
-DATASETS = {"multi30k": {f"{name}.gz": (M30K + f"{name}.gz", sha) for name, sha in (  # URLS.md
-    ("train.de", "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6"),
-    ("train.en", "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f"),
-    ("val.de", "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a"),
-    ("val.en", "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28"),
-    ("test_2016_flickr.de", "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8"),
-    ("test_2016_flickr.en", "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9"))}}
-
-
-# Copied from gpt.py: log0
-def log0(*args):
-    """Print on rank 0 only."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, flush=True)
-
-
-# Copied from gpt.py: download
-def download(name: str, files: dict) -> Path | None:
-    """Fetch a named dataset into the cache (once), checking sha256; None when the network is absent."""
-    root = Path(os.environ.get("NLP_LINEAGE_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nlp-lineage") / name
-    for fname, (url, sha) in files.items():
-        path = root / fname
-        if path.exists():
-            continue
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                data = r.read()
-        except OSError as e:
-            log0(f"could not download {name} ({e.__class__.__name__}: {e})")
-            return None
-        if sha and hashlib.sha256(data).hexdigest() != sha:
-            raise UserError(f"download of {url} does not match its known sha256; not using it")
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return root
-
-
-# Copied from gpt.py: read_text
-def read_text(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    if not text.strip():
-        raise UserError(f"data file {path} is empty")
-    return text
-
-
-COPY_LEN = 8
-
-
-def copy_task(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """The built-in SYNTHETIC task: strings of COPY_LEN random digits, to be copied (Annotated Transformer)."""
-    rng = random.Random(seed)
-    lines = [" ".join(rng.choice("0123456789") for _ in range(COPY_LEN)) for _ in range(n)]
-    return lines, list(lines)
-
-
-def read_parallel(folder: Path, split: str, src: str, tgt: str) -> tuple[list[str], list[str]]:
-    """Line i of split.src translates line i of split.tgt; unequal line counts are an error."""
-    a = read_text(folder / f"{split}.{src}").splitlines()
-    b = read_text(folder / f"{split}.{tgt}").splitlines()
-    if len(a) != len(b):
-        raise UserError(f"{folder / f'{split}.{src}'} has {len(a)} lines but {folder / f'{split}.{tgt}'} has "
-                        f"{len(b)}; a parallel corpus needs one translation per line")
-    return a, b
-
-
-def load_parallel(cfg: Config) -> tuple[str, dict]:
-    """(name, {"train", "val", "test": (source lines, target lines)})."""
-    if cfg.data == "multi30k":
-        root = download("multi30k", DATASETS["multi30k"])
-        if root is None:
-            log0("offline: falling back to the built-in SYNTHETIC copy task instead of multi30k")
-        else:
-            for gz in DATASETS["multi30k"]:  # the raw files are published gzipped
-                if not (root / gz[:-3]).exists():
-                    (root / (gz[:-3] + ".part")).write_bytes(gzip.decompress((root / gz).read_bytes()))
-                    os.replace(root / (gz[:-3] + ".part"), root / gz[:-3])
-            return "multi30k", {s: read_parallel(root, f, cfg.src, cfg.tgt) for s, f in
-                                (("train", "train"), ("val", "val"), ("test", "test_2016_flickr"))}
-    if cfg.data in ("multi30k", "builtin"):
-        log0("data: the built-in SYNTHETIC copy task (random digit strings; the target is the source)")
-        return "builtin-copy", {"train": copy_task(4000, cfg.seed), "val": copy_task(200, cfg.seed + 1),
-                                "test": copy_task(200, cfg.seed + 2)}
-    folder = Path(cfg.data)
-    if not folder.is_dir():
-        raise UserError(f"unknown dataset {cfg.data!r}: use multi30k, builtin or a folder with "
-                        f"train.{cfg.src}, train.{cfg.tgt}, val.{cfg.src}, val.{cfg.tgt} (and test.*)")
-    splits = {s: read_parallel(folder, s, cfg.src, cfg.tgt) for s in ("train", "val")}
-    test = next((t for t in ("test", "test_2016_flickr") if (folder / f"{t}.{cfg.src}").exists()), None)
-    splits["test"] = read_parallel(folder, test, cfg.src, cfg.tgt) if test else splits["val"]
-    if test is None:
-        log0(f"{folder} has no test.{cfg.src}: reporting BLEU on the validation split")
-    return folder.name, splits
-
-
-def encode_pairs(tok: ByteBPE, lines: tuple[list[str], list[str]], max_len: int, split: str) -> list:
-    """(source ids + </s>, <s> + target ids + </s>) per pair; a pair longer than max_len is an error."""
-    bos, eos = tok.specials["<s>"], tok.specials["</s>"]
-    pairs = []
-    for n, (s, t) in enumerate(zip(*lines), 1):
-        x, y = tok.encode(s) + [eos], [bos] + tok.encode(t) + [eos]
-        if max(len(x), len(y) - 1) > max_len:
-            raise UserError(f"{split} pair {n} has {max(len(x), len(y) - 1)} tokens, more than --max_len "
-                            f"{max_len}; raise --max_len or remove the line")
-        pairs.append((x, y))
-    return pairs
-
-
-def get_batch(pairs: list, pad_id: int) -> dict:
-    """Right-padded src (B, S), decoder input tgt_in = <s> y (B, T) and targets tgt_out = y </s> (B, T)."""
-    S, T = max(len(x) for x, _ in pairs), max(len(y) for _, y in pairs) - 1
-    src = torch.full((len(pairs), S), pad_id, dtype=torch.long)
-    tgt = torch.full((len(pairs), T + 1), pad_id, dtype=torch.long)
-    for i, (x, y) in enumerate(pairs):
-        src[i, :len(x)], tgt[i, :len(y)] = torch.tensor(x), torch.tensor(y)
-    return {"src": src, "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:]}
-
-
-class TokenBatches:
-    """Section 5.1: pairs sorted by length (ties broken at random, seeded) and cut into batches of about
-    batch_tokens source + target tokens, padding included. Each epoch shuffles the order of the batches
-    (seed + epoch); under DDP every rank takes its own batches, the same number on each. The data position
-    saved in checkpoints is (epoch, batch index)."""
-
-    def __init__(self, pairs: list, batch_tokens: int, pad_id: int, seed: int, rank=0, world=1):
-        rng = random.Random(seed)
-        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), len(pairs[i][1]), rng.random()))
-        self.batches, current, S, T = [], [], 0, 0
-        for i in order:
-            s, t = max(S, len(pairs[i][0])), max(T, len(pairs[i][1]))
-            if current and (len(current) + 1) * (s + t) > batch_tokens:
-                self.batches.append(current)
-                current, s, t = [], len(pairs[i][0]), len(pairs[i][1])
-            current.append(i)
-            S, T = s, t
-        self.batches.append(current)
-        self.pairs, self.pad_id, self.seed, self.rank, self.world = pairs, pad_id, seed, rank, world
-        self.per_epoch = len(self.batches) // world
-        if self.per_epoch == 0:
-            raise UserError(f"{len(self.batches)} batches cannot feed {world} ranks; lower --batch_tokens")
-        self.epoch, self.index = 0, 0
-
-    def __iter__(self):  # every batch once, in length order: evaluation
-        return (get_batch([self.pairs[i] for i in b], self.pad_id) for b in self.batches)
-
-    def __next__(self) -> dict:
-        if self.index == self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        batch = self.batches[order[self.index * self.world + self.rank].item()]
-        self.index += 1
-        return get_batch([self.pairs[i] for i in batch], self.pad_id)
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state):
-        self.epoch, self.index = state["epoch"], state["index"]
-
+    for name in ("n_layer", "d_model", "d_ff", "n_head", "max_len", "batch_tokens", "grad_accum", "warmup_steps",
+                 "lr_factor", "total_steps", "adam_eps", "beam_size", "average_last", "eval_interval", "log_interval"):
+        require(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("vocab_size", "weight_decay", "grad_clip", "keep_checkpoints", "length_penalty", "max_extra_len",
+                 "max_steps"):
+        require(getattr(cfg, name) >= 0, f"--{name} must not be negative, got {getattr(cfg, name)}")
+    require(cfg.d_model % cfg.n_head == 0 and cfg.d_model % 2 == 0, f"--n_head {cfg.n_head} must divide --d_model "
+            f"{cfg.d_model}, which must be even (sines and cosines come in pairs)")
+    require(0 <= cfg.dropout < 1 and 0 <= cfg.label_smoothing < 1 and 0 < cfg.beta1 < 1 and 0 < cfg.beta2 < 1,
+            "--dropout and --label_smoothing must be in [0, 1), --beta1 and --beta2 in (0, 1)")
+    require(cfg.bpe_vocab_size >= 259, "--bpe_vocab_size must be at least 259 (256 bytes and 3 special tokens)")
 
 # -----------------------------------------------------------------------------------------------------
 # Model (section 3)
 
-
 def sinusoids(n_pos: int, d_model: int) -> torch.Tensor:
-    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same); (n_pos, d_model)."""
+    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(the same); (n_pos, d_model)."""
     pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
     angle = pos / 10000 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (n_pos, d_model/2)
-    pe = torch.zeros(n_pos, d_model, dtype=torch.float64)
-    pe[:, 0::2], pe[:, 1::2] = torch.sin(angle), torch.cos(angle)  # interleaved, not two halves
-    return pe.float()
-
+    return rearrange([angle.sin(), angle.cos()], "two p i -> p (i two)").float()  # interleaved, not two halves
 
 class MultiHeadAttention(nn.Module):
-    """Section 3.2: MultiHead(Q, K, V) = Concat(head_1..head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K,
-    V W_i^V) and Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V (eq. 1). With `record` set, the attention
-    weights of the last call are kept in `weights` (B, H, T, S)."""
+    """Section 3.2: MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_head = cfg.n_head
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
-        self.record, self.weights = False, None
 
     def forward(self, x, kv, mask=None, cache=None, static=False):
-        """x (B, T, C) queries; kv (B, S, C) keys and values; mask broadcastable to (B, H, T, S), True where
-        a query may look. cache: a dict holding k, v (B, H, S, d_k); a self-attention cache grows by the new
-        positions, a static (encoder-decoder) one is computed once."""
+        """x (B, T, C) attends to kv (B, S, C) where mask is True; cache {k, v}: extended, or filled once if static."""
         q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.n_head)
         if static and cache:
             k, v = cache["k"], cache["v"]
         else:
-            k = rearrange(self.k(kv), "b s (h d) -> b h s d", h=self.n_head)
-            v = rearrange(self.v(kv), "b s (h d) -> b h s d", h=self.n_head)
+            k, v = (rearrange(proj(kv), "b s (h d) -> b h s d", h=self.n_head) for proj in (self.k, self.v))
             if cache is not None:
                 if cache:
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        if self.record:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            self.weights = att.softmax(dim=-1)
-            y = self.weights @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(Q K^T / sqrt(d_k)) V (eq. 1)
         return self.o(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
-
 
 class FeedForward(nn.Module):
     """Eq. 2: FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, the same at every position."""
@@ -519,269 +164,157 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.w_2(F.relu(self.w_1(x)))
 
-
-class Sublayer(nn.Module):
-    """Section 5.4: LayerNorm(x + Dropout(f(x))) (post-LN, the paper); x + Dropout(f(LayerNorm(x))) with
-    norm_first."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model, eps=1e-6)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.norm_first = cfg.norm_first
-
-    def forward(self, x, f):
-        if self.norm_first:
-            return x + self.drop(f(self.norm(x)))
-        return self.norm(x + self.drop(f(x)))
-
-
 class EncoderLayer(nn.Module):
-    """Section 3.1: self-attention, then the feed-forward network."""
+    """Section 3.1: self-attention, then the feed-forward network, each as LayerNorm(x + Dropout(f(x))) (5.4)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.self_attn, self.ff = MultiHeadAttention(cfg), FeedForward(cfg)
-        self.sub_1, self.sub_2 = Sublayer(cfg), Sublayer(cfg)
+        self.self_attn, self.ff, self.drop = MultiHeadAttention(cfg), FeedForward(cfg), nn.Dropout(cfg.dropout)
+        self.norm_1, self.norm_2 = (nn.LayerNorm(cfg.d_model, eps=1e-6) for _ in range(2))
 
     def forward(self, x, src_mask):  # (B, S, C), (B, 1, 1, S)
-        x = self.sub_1(x, lambda h: self.self_attn(h, h, src_mask))
-        return self.sub_2(x, self.ff)
-
+        x = self.norm_1(x + self.drop(self.self_attn(x, x, src_mask)))
+        return self.norm_2(x + self.drop(self.ff(x)))
 
 class DecoderLayer(nn.Module):
-    """Section 3.1: masked self-attention, encoder-decoder attention over the encoder output, feed-forward."""
+    """Section 3.1: masked self-attention, attention over the encoder's output, then the feed-forward network."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.self_attn, self.cross_attn, self.ff = MultiHeadAttention(cfg), MultiHeadAttention(cfg), FeedForward(cfg)
-        self.sub_1, self.sub_2, self.sub_3 = Sublayer(cfg), Sublayer(cfg), Sublayer(cfg)
+        self.norm_1, self.norm_2, self.norm_3 = (nn.LayerNorm(cfg.d_model, eps=1e-6) for _ in range(3))
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, y, memory, src_mask, tgt_mask, cache=None):  # (B, T, C), (B, S, C)
-        y = self.sub_1(y, lambda h: self.self_attn(h, h, tgt_mask, None if cache is None else cache["self"]))
-        y = self.sub_2(y, lambda h: self.cross_attn(h, memory, src_mask, None if cache is None else cache["cross"],
-                                                    static=True))
-        return self.sub_3(y, self.ff)
-
+        y = self.norm_1(y + self.drop(self.self_attn(y, y, tgt_mask, cache and cache["self"])))
+        y = self.norm_2(y + self.drop(self.cross_attn(y, memory, src_mask, cache and cache["cross"], static=True)))
+        return self.norm_3(y + self.drop(self.ff(y)))
 
 class Transformer(nn.Module):
+    """Figure 1: the decoder predicts each target token from the ones before it and the encoder's output."""
+
     def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg = cfg
+        require(cfg.vocab_size > 3, "--vocab_size must be positive (the tokenizer sets it when data is loaded)")
+        self.cfg, self.drop = cfg, nn.Dropout(cfg.dropout)
         self.bos, self.eos, self.pad = cfg.vocab_size - 3, cfg.vocab_size - 2, cfg.vocab_size - 1  # SPECIALS
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # source, target and pre-softmax (3.4)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # source, target and pre-softmax (section 3.4)
         self.register_buffer("pe", sinusoids(cfg.max_len, cfg.d_model), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
-        self.enc_norm = nn.LayerNorm(cfg.d_model, eps=1e-6) if cfg.norm_first else nn.Identity()
-        self.dec_norm = nn.LayerNorm(cfg.d_model, eps=1e-6) if cfg.norm_first else nn.Identity()
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # the paper gives none: see the docstring
             if name == "embed.weight":
                 nn.init.normal_(p, std=cfg.d_model ** -0.5)
             elif p.dim() == 2:
                 nn.init.xavier_uniform_(p)
-            elif name.endswith(".bias") and ".norm" not in name:
+            elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
     def embed_tokens(self, ids, start: int = 0):
-        """Embedding * sqrt(d_model) + positional encoding, then dropout (sections 3.4, 3.5, 5.4)."""
-        T = ids.size(1)
-        if start + T > self.cfg.max_len:
-            raise UserError(f"a sequence of {start + T} tokens is longer than --max_len {self.cfg.max_len}")
-        return self.drop(self.embed(ids) * math.sqrt(self.cfg.d_model) + self.pe[start:start + T])
+        """Embedding * sqrt(d_model) + the sinusoids of positions start.., then dropout (3.4, 3.5, 5.4); (B, T, C)."""
+        end = start + ids.size(1)
+        require(end <= self.cfg.max_len, f"a sequence of {end} tokens is longer than --max_len {self.cfg.max_len}")
+        return self.drop(self.embed(ids) * math.sqrt(self.cfg.d_model) + self.pe[start:end])
 
     def encode(self, src, src_mask=None):
-        """src (B, S) -> memory (B, S, C) and the mask (B, 1, 1, S) of its real positions (default: not pad)."""
-        if src_mask is None:
-            src_mask = src != self.pad
-        src_mask = src_mask[:, None, None, :]
+        """src (B, S) -> memory (B, S, C) and the mask (B, 1, 1, S) of its real tokens (default: all but <pad>)."""
+        src_mask = (src != self.pad if src_mask is None else src_mask)[:, None, None, :]
         x = self.embed_tokens(src)
         for layer in self.encoder:
             x = layer(x, src_mask)
-        return self.enc_norm(x), src_mask
+        return x, src_mask
 
     def decode(self, tgt_in, memory, src_mask, cache=None):
-        """tgt_in (B, T) -> final decoder states (B, T, C). Position t sees target positions <= t only (the
-        causal mask, combined with the target's padding); with a cache, tgt_in continues the cached positions."""
-        T = tgt_in.size(1)
-        start = cache[0]["self"]["k"].size(2) if cache and cache[0]["self"] else 0
-        causal = torch.ones(T, start + T, dtype=torch.bool, device=tgt_in.device).tril(diagonal=start)
-        tgt_mask = causal if cache is not None else causal & (tgt_in != self.pad)[:, None, None, :]
+        """tgt_in (B, T) -> states (B, T, C); position t sees the target up to t; a cache holds the earlier ones."""
+        T, start = tgt_in.size(1), (cache[0]["self"]["k"].size(2) if cache and cache[0]["self"] else 0)
+        causal = torch.ones(T, start + T, dtype=torch.bool, device=tgt_in.device).tril(diagonal=start)  # (T, S)
         y = self.embed_tokens(tgt_in, start)
         for i, layer in enumerate(self.decoder):
-            y = layer(y, memory, src_mask, tgt_mask, None if cache is None else cache[i])
-        return self.dec_norm(y)
+            y = layer(y, memory, src_mask, causal, cache and cache[i])
+        return y
 
     def forward(self, src, tgt_in, src_mask=None):
-        """Next-token logits (B, T, V): decoder states times the shared embedding matrix (section 3.4)."""
+        """Next-token logits (B, T, V): the decoder's states times the shared embedding matrix (section 3.4)."""
         memory, src_mask = self.encode(src, src_mask)
         return self.decode(tgt_in, memory, src_mask) @ self.embed.weight.T
 
-    def new_cache(self):
-        return [{"self": {}, "cross": {}} for _ in self.decoder]
-
     def flops_per_token(self, src_len: float, tgt_len: float) -> float:
-        """Training FLOPs per (source + target) token of a pair of mean lengths: 6 per weight per token that
-        uses it (encoder weights: source tokens; decoder and output layer: target tokens) plus 12 d_model per
-        query-key pair of every attention (PaLM appendix B's count)."""
-        n_enc = sum(p.numel() for p in self.encoder.parameters()) + sum(p.numel() for p in self.enc_norm.parameters())
+        """Training FLOPs per token: 6 per weight per token that uses it, 12 d_model per query-key pair (PaLM)."""
+        n_enc = sum(p.numel() for p in self.encoder.parameters())  # used by source tokens
         n_dec = sum(p.numel() for p in self.parameters()) - n_enc  # the decoder and the shared output layer
-        att = self.cfg.n_layer * self.cfg.d_model * (src_len ** 2 + tgt_len ** 2 + src_len * tgt_len)
-        return (6 * (n_enc * src_len + n_dec * tgt_len) + 12 * att) / (src_len + tgt_len)
+        pairs = self.cfg.n_layer * (src_len ** 2 + tgt_len ** 2 + src_len * tgt_len)
+        return (6 * (n_enc * src_len + n_dec * tgt_len) + 12 * self.cfg.d_model * pairs) / (src_len + tgt_len)
 
-
-def build_model(cfg: Config) -> Transformer:
-    if cfg.vocab_size <= len(SPECIALS):
-        raise UserError("--vocab_size must be positive (it is set from the tokenizer when data is loaded)")
-    return Transformer(cfg)
-
+build_model = Transformer
 
 # -----------------------------------------------------------------------------------------------------
-# Objective (section 5.4): label-smoothed cross-entropy over the non-pad target tokens, in fp32
+# Objective (section 5.4): label-smoothed cross-entropy, in fp32
 
-
-def smoothed_targets(targets, vocab_size: int, epsilon: float, pad_id: int) -> torch.Tensor:
-    """q = (1 - eps) one_hot(y) + eps * uniform over the V - 1 non-pad tokens (Szegedy et al. 2016); (N, V).
-    Rows of pad targets are zero: they are not predicted."""
-    q = torch.full((targets.numel(), vocab_size), epsilon / (vocab_size - 1), device=targets.device)
-    q[:, pad_id] = 0.0
-    q[torch.arange(targets.numel()), targets.flatten()] += 1.0 - epsilon
-    return q.masked_fill((targets.flatten() == pad_id)[:, None], 0.0)
-
-
-def label_smoothed_loss(logits, targets, epsilon: float, pad_id: int) -> torch.Tensor:
-    """Mean over non-pad targets of KL(q || p), computed without building q: the cross-entropy
-    (1 - eps) NLL + eps mean_{k != pad}(-log p_k) minus q's entropy (a constant)."""
-    keep = targets.flatten() != pad_id
-    logp = F.log_softmax(logits.float().flatten(0, 1)[keep], dim=-1)  # (N, V)
-    V = logp.size(-1)
-    nll = -logp.gather(1, targets.flatten()[keep][:, None]).squeeze(1)
-    uniform = -(logp.sum(-1) - logp[:, pad_id]) / (V - 1)
-    hi, lo = torch.tensor(1.0 - epsilon + epsilon / (V - 1)), torch.tensor(epsilon / (V - 1))
-    entropy = -(torch.xlogy(hi, hi) + (V - 2) * torch.xlogy(lo, lo))
-    return ((1.0 - epsilon) * nll + epsilon * uniform).mean() - entropy.to(logp.device)
-
-
-def pretrain_loss(model, batch: dict) -> torch.Tensor:
-    logits = model(batch["src"], batch["tgt_in"])
-    m = model.module if hasattr(model, "module") else model
-    m = getattr(m, "_orig_mod", m)
-    return label_smoothed_loss(logits, batch["tgt_out"], m.cfg.label_smoothing, m.pad)
-
+def pretrain_loss(model, batch: dict, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Cross-entropy against q = (1 - eps) one_hot(y) + eps / V, the label smoothing of Szegedy et al. (2016) that
+    section 5.4 cites, over the target's real tokens (<pad>, the last id, is not predicted)."""
+    logits = model(batch["src"], batch["tgt_in"]).float()
+    return F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=logits.size(-1) - 1,
+                           label_smoothing=label_smoothing)
 
 # -----------------------------------------------------------------------------------------------------
-# Downstream: translation by greedy and beam search (section 6.1), and BLEU
-
-
-def next_token_logits(model: Transformer, last, memory, src_mask, cache) -> torch.Tensor:
-    """Logits (N, V) of the token after `last` (N, 1) in fp32; <s> and <pad> are never generated."""
-    logits = (model.decode(last, memory, src_mask, cache)[:, -1] @ model.embed.weight.T).float()
-    logits[:, [model.bos, model.pad]] = float("-inf")
-    return logits
-
-
-@torch.no_grad()
-def greedy_decode(model: Transformer, src, max_extra: int = 50) -> list[list[int]]:
-    """The most probable next token at each step, for a batch of sources (B, S); the encoder runs once and
-    the decoder's self-attention keys and values are cached. Outputs exclude <s> and </s>."""
-    memory, src_mask = model.encode(src)
-    B, src_len = src.size(0), src_mask.sum((1, 2, 3)) - 1  # real source tokens, without </s>
-    limit = torch.clamp(src_len + max_extra, max=model.cfg.max_len)
-    out = torch.full((B, 1), model.bos, device=src.device)
-    done = torch.zeros(B, dtype=torch.bool, device=src.device)
-    cache = model.new_cache()
-    for t in range(int(limit.max())):
-        nxt = next_token_logits(model, out[:, -1:], memory, src_mask, cache).argmax(-1).masked_fill(done, model.pad)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        done |= (nxt == model.eos) | (t + 1 >= limit)
-        if done.all():
-            break
-    return [[i for i in row[1:] if i not in (model.eos, model.pad)] for row in out.tolist()]
-
-
-def gnmt_penalty(length: int, alpha: float) -> float:
-    """Wu et al. 2016, eq. 14: lp(Y) = ((5 + |Y|) / 6)^alpha."""
-    return ((5 + length) / 6) ** alpha
-
+# Downstream: translation by beam search (section 6.1), and BLEU
 
 @torch.no_grad()
 def beam_search(model: Transformer, src, beam: int = 4, alpha: float = 0.6, max_extra: int = 50) -> list[list[int]]:
-    """Beam search for a batch of sources (B, S): B*beam hypotheses decoded together, the encoder run once,
-    the self-attention keys and values cached and reordered as beams are chosen. Each step ranks the 2*beam
-    best extensions: those among the best `beam` that end in </s> become finished hypotheses scored
-    log P / lp(|Y|) (|Y| counts </s>), the best `beam` that do not end stay alive (as fairseq). A sentence
-    stops when it has `beam` finished hypotheses or reaches its maximum length (input length + max_extra),
-    where its alive hypotheses are finished as they are. Returns the best finished hypothesis of each
-    sentence, without <s> and </s>."""
+    """Sources (B, S) -> each one's best hypothesis, without <s> and </s> (beam 1: greedy search); the decoder's keys
+    and values cached. Of the 2 * beam best extensions, the best `beam` that do not end live on; those among the
+    best `beam` that end in </s> finish, scored log P / lp(|Y|) (|Y| counts </s>), until `beam` have; at most input
+    length + max_extra tokens come before </s>, which the last step forces (all as fairseq)."""
+    lp = lambda length: ((5 + length) / 6) ** alpha  # the length penalty (Wu et al. 2016, eq. 14)
     memory, src_mask = model.encode(src)
     B, K, dev = src.size(0), beam, src.device
-    limit = torch.clamp(src_mask.sum((1, 2, 3)) - 1 + max_extra, max=model.cfg.max_len).tolist()
+    steps = (src_mask.sum((1, 2, 3)) + max_extra).clamp(max=model.cfg.max_len)  # (B,): the input counts its </s>
+    limit = steps.tolist()
     memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)  # (B*K, S, C)
-    seqs = torch.full((B * K, 1), model.bos, device=dev)
-    scores = torch.zeros(B, K, device=dev)
-    scores[:, 1:] = float("-inf")  # all beams start as the same hypothesis: expand only the first
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    active = [True] * B
-    cache = model.new_cache()
-    for t in range(1, int(max(limit)) + 1):
-        logp = F.log_softmax(next_token_logits(model, seqs[:, -1:], memory, src_mask, cache), dim=-1)  # (B*K, V)
-        V = logp.size(-1)
-        cand = (scores[:, :, None] + rearrange(logp, "(b k) v -> b k v", k=K)).flatten(1)  # (B, K*V)
-        top, idx = cand.topk(2 * K, dim=-1)  # (B, 2K)
-        token, origin = idx % V, idx // V
+    seqs, cache = torch.full((B * K, 1), model.bos, device=dev), [{"self": {}, "cross": {}} for _ in model.decoder]
+    scores = torch.tensor([0.0] + [-math.inf] * (K - 1), device=dev).repeat(B, 1)  # (B, K): one hypothesis at first
+    finished = [[] for _ in range(B)]
+    for t in range(1, int(steps.max()) + 1):
+        logits = (model.decode(seqs[:, -1:], memory, src_mask, cache)[:, -1] @ model.embed.weight.T).float()
+        logits[:, [model.bos, model.pad]] = -math.inf  # never generated
+        last = (steps == t).repeat_interleave(K)[:, None] & (torch.arange(logits.size(-1), device=dev) != model.eos)
+        logp = rearrange(logits.log_softmax(-1).masked_fill(last, -math.inf), "(b k) v -> b k v", k=K)
+        top, idx = (scores[:, :, None] + logp).flatten(1).topk(2 * K, dim=-1)  # (B, 2K)
+        token, origin = idx % logp.size(-1), idx // logp.size(-1)
         ends = token == model.eos
-        for b in range(B):
-            if not active[b]:
-                continue
-            for j in (ends[b, :K] & torch.isfinite(top[b, :K])).nonzero().flatten().tolist():
-                if len(finished[b]) < K:
-                    hyp = seqs[b * K + origin[b, j], 1:].tolist()
-                    finished[b].append((top[b, j].item() / gnmt_penalty(len(hyp) + 1, alpha), hyp))
-        # the best K extensions that do not end stay alive
-        rank = torch.arange(2 * K, device=dev) + 2 * K * ends
-        keep = rank.topk(K, dim=-1, largest=False).indices  # (B, K)
-        scores = top.gather(1, keep).masked_fill(ends.gather(1, keep), float("-inf"))
+        for b in (b for b in range(B) if len(finished[b]) < K and t <= limit[b]):
+            for j in (ends[b, :K] & top[b, :K].isfinite()).nonzero().flatten().tolist()[:K - len(finished[b])]:
+                hyp = seqs[b * K + origin[b, j], 1:].tolist()
+                finished[b].append((top[b, j].item() / lp(len(hyp) + 1), hyp))
+        keep = (torch.arange(2 * K, device=dev) + 2 * K * ends).topk(K, largest=False).indices  # best K not ending
+        scores = top.gather(1, keep).masked_fill(ends.gather(1, keep), -math.inf)
         rows = (torch.arange(B, device=dev)[:, None] * K + origin.gather(1, keep)).flatten()  # (B*K,)
         seqs = torch.cat([seqs[rows], token.gather(1, keep).flatten()[:, None]], dim=1)
         for layer in cache:
             layer["self"]["k"], layer["self"]["v"] = layer["self"]["k"][rows], layer["self"]["v"][rows]
-        for b in range(B):
-            if active[b] and (len(finished[b]) >= K or t >= limit[b]):
-                active[b] = False
-                if t >= limit[b] and len(finished[b]) < K:  # out of length: finish the alive ones as they are
-                    for k in range(K):
-                        if torch.isfinite(scores[b, k]):
-                            hyp = seqs[b * K + k, 1:].tolist()
-                            finished[b].append((scores[b, k].item() / gnmt_penalty(len(hyp), alpha), hyp))
-        if not any(active):
+        if all(len(f) >= K or t >= s for f, s in zip(finished, limit)):
             break
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
-
-def translate_lines(model: Transformer, tok: ByteBPE, lines: list[str], beam: int, alpha: float, max_extra: int,
-                    device, batch_size: int = 64) -> list[str]:
-    """Translate sentences in batches of similar length; beam 1 is greedy search."""
+def translate_lines(model: Transformer, tok: ByteBPE, lines: list[str], cfg: Config, device, batch: int = 64) -> list:
+    """Translate sentences in batches of similar length, with cfg's beam_size, length_penalty and max_extra_len."""
     ids = [tok.encode(s) + [model.eos] for s in lines]
-    for n, x in enumerate(ids, 1):
-        if len(x) > model.cfg.max_len:
-            raise UserError(f"input line {n} has {len(x)} tokens, more than the model's max_len "
-                            f"{model.cfg.max_len}; split it")
+    longest, n = max(((len(x), n) for n, x in enumerate(ids, 1)), default=(0, 0))
+    require(longest <= model.cfg.max_len, f"input line {n} has {longest} tokens, more than --max_len "
+            f"{model.cfg.max_len}")
     order, out = sorted(range(len(ids)), key=lambda i: len(ids[i])), [""] * len(ids)
     model.eval()
-    for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
-        src = get_batch([(ids[j], [0]) for j in chunk], model.pad)["src"].to(device)
-        hyps = greedy_decode(model, src, max_extra) if beam == 1 else beam_search(model, src, beam, alpha, max_extra)
-        for j, h in zip(chunk, hyps):
-            out[j] = tok.decode(h)
+    for i in range(0, len(order), batch):
+        chunk = order[i:i + batch]
+        src = nn.utils.rnn.pad_sequence([torch.tensor(ids[j]) for j in chunk], True, model.pad).to(device)  # (B, S)
+        for j, hyp in zip(chunk, beam_search(model, src, cfg.beam_size, cfg.length_penalty, cfg.max_extra_len)):
+            out[j] = tok.decode(hyp)
     return out
-
 
 # BLEU as sacreBLEU computes it by default: mteval-v13a tokens, 4-grams, exponential smoothing of zero counts.
 TOKENIZE_13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "), (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),
                 (re.compile(r"([\.,])([^0-9])"), r" \1 \2"), (re.compile(r"([0-9])(-)"), r"\1 \2 ")]
-
 
 def tokenize_13a(line: str) -> list[str]:
     line = line.rstrip().replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
@@ -791,7 +324,6 @@ def tokenize_13a(line: str) -> list[str]:
     for pattern, repl in TOKENIZE_13A:
         line = pattern.sub(repl, line)
     return line.split()
-
 
 def corpus_bleu(hyps: list[str], refs: list[str]) -> float:
     """Corpus BLEU (Papineni et al. 2002) in 0-100 against one reference per sentence."""
@@ -814,436 +346,553 @@ def corpus_bleu(hyps: list[str], refs: list[str]) -> float:
     bp = 1.0 if sys_len >= ref_len else math.exp(1 - ref_len / sys_len)
     return bp * math.exp(log_p / 4)
 
+# -----------------------------------------------------------------------------------------------------
+# Vocabulary: one byte-level BPE learned over both languages (section 5.1's shared source-target BPE)
+SPECIALS = ("<s>", "</s>", "<pad>")  # the last three ids: BOS, EOS, PAD
+# GPT-2's pre-tokenizer in `re`: contractions, letters (\p{L}), numbers (\p{N}: also numerals outside \d, as "x²"),
+# other symbols (with \x1c-\x1f, which `re` counts as \s), whitespace; a space joins the word after it.
+NUMERALS = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if unicodedata.category(c) in ("Nl", "No"))
+PRETOKENIZE = re.compile(rf"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_{NUMERALS}]+| ?[\d{NUMERALS}]+| ?(?:[^\s\w]|[_\x1c-\x1f])+"
+                         r"|[^\S\x1c-\x1f]+(?![\S\x1c-\x1f])|[^\S\x1c-\x1f]+")  # merges never cross these pieces
+
+# Copied from gpt.py: ByteBPE
+class ByteBPE:
+    """A string is its UTF-8 bytes, merged pairwise in the order the merges were learned; `pieces[i]` are token i's
+    bytes (256 bytes, then one token per merge), then come the special tokens. Training counts pairs over word
+    types and updates the counts after each merge (a heap finds the top pair): WikiText-2 in seconds."""
+
+    def __init__(self, merges: list, specials: tuple = (), pieces: list | None = None):
+        if pieces is None:
+            pieces = [bytes([b]) for b in range(256)]
+            for a, b in merges:
+                pieces.append(pieces[a] + pieces[b])
+        self.merges, self.pieces = [tuple(m) for m in merges], list(pieces)
+        id_of = {p: i for i, p in enumerate(self.pieces)}
+        self.byte_ids = [id_of[bytes([b])] for b in range(256)]
+        self.ranks = {(a, b): (r, id_of[self.pieces[a] + self.pieces[b]]) for r, (a, b) in enumerate(self.merges)}
+        self.specials = {s: len(self.pieces) + i for i, s in enumerate(specials)}
+        self.cache: dict[str, list[int]] = {}
+
+    def __len__(self):
+        return len(self.pieces) + len(self.specials)
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, specials: tuple = ()) -> "ByteBPE":
+        words = Counter(PRETOKENIZE.findall(text))
+        seqs, freqs = [list(w.encode("utf-8")) for w in words], list(words.values())
+        pair_count, where = Counter(), {}  # pair -> frequency, pair -> the words holding it
+        for i, (s, f) in enumerate(zip(seqs, freqs)):
+            for pair in zip(s, s[1:]):
+                pair_count[pair] += f
+                where.setdefault(pair, set()).add(i)
+        heap = [(-c, p) for p, c in pair_count.items()]
+        heapq.heapify(heap)
+        merges = []
+        while len(merges) < vocab_size - 256 - len(specials) and heap:
+            neg, pair = heapq.heappop(heap)
+            if pair_count.get(pair, 0) != -neg:
+                continue  # a stale heap entry: its count changed since it was pushed
+            merges.append(pair)
+            changed = set()
+            for i in where.pop(pair):  # take each word's pairs out, merge, put the new ones in
+                for p in zip(seqs[i], seqs[i][1:]):
+                    pair_count[p] -= freqs[i]
+                    changed.add(p)
+                seqs[i] = cls._merge(seqs[i], pair, 255 + len(merges))
+                for p in zip(seqs[i], seqs[i][1:]):
+                    pair_count[p] += freqs[i]
+                    where.setdefault(p, set()).add(i)
+                    changed.add(p)
+            del pair_count[pair]
+            for p in changed - {pair}:
+                if pair_count[p] > 0:
+                    heapq.heappush(heap, (-pair_count[p], p))
+        return cls(merges, specials)
+
+    @staticmethod
+    def _merge(ids: list, pair: tuple, new: int) -> list:
+        out, j = [], 0
+        while j < len(ids):
+            hit = j + 1 < len(ids) and (ids[j], ids[j + 1]) == pair
+            out.append(new if hit else ids[j])
+            j += 2 if hit else 1
+        return out
+
+    def _encode_word(self, word: str) -> list[int]:
+        if word not in self.cache:
+            ids = [self.byte_ids[b] for b in word.encode("utf-8")]
+            while len(ids) > 1:  # apply the earliest-learned merge present, everywhere, as training did
+                pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, (math.inf,))[0])
+                if pair not in self.ranks:
+                    break
+                ids = self._merge(ids, pair, self.ranks[pair][1])
+            self.cache[word] = ids
+        return self.cache[word]
+
+    def encode(self, text: str) -> list[int]:
+        return [i for w in PRETOKENIZE.findall(text) for i in self._encode_word(w)]
+
+    def decode(self, ids) -> str:
+        names = {i: s.encode("utf-8") for s, i in self.specials.items()}
+        return b"".join(names.get(i) or self.pieces[i] for i in ids).decode(errors="replace")
+
+    def state(self) -> dict:
+        return {"merges": self.merges, "specials": list(self.specials), "pieces": self.pieces}
 
 # -----------------------------------------------------------------------------------------------------
-# Training loop: device and precision, DDP, optimizer and schedule, checkpoints, logging
+# Data: Multi30k (downloaded once and checked), a local parallel corpus, the copy task; batches of tokens
 
+M30K = "https://raw.githubusercontent.com/multi30k/dataset/a3d2e0d26b56f3846f66a952536ffed4e401d05a/data/task1/raw/"
+DATASETS = {"multi30k": {f"{name}.gz": (M30K + f"{name}.gz", sha) for name, sha in (  # ../shared/data/URLS.md
+    ("train.de", "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6"),
+    ("train.en", "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f"),
+    ("val.de", "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a"),
+    ("val.en", "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28"),
+    ("test_2016_flickr.de", "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8"),
+    ("test_2016_flickr.en", "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9"))}}
 
-# Copied from gpt.py: setup_device
-def setup_device(cfg) -> tuple[torch.device, torch.dtype, contextlib.AbstractContextManager]:
-    """Device (auto: cuda, then mps, then cpu) and autocast dtype (auto: bf16 where supported)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is available")
-        name = f"cuda:{local_rank}" if name == "cuda" else name
-        torch.cuda.set_device(name)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available")
-    device = torch.device(name)
-    dtype = cfg.dtype if cfg.dtype != "auto" else os.environ.get("NLP_LINEAGE_AUTO_DTYPE", "auto")
-    if dtype == "auto":
-        cpu_bf16 = device.type == "cpu" and any(
-            f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16")
-        ) if Path("/proc/cpuinfo").exists() else False
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if cpu_bf16 or gpu_bf16 else "float32"
-    pt_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = (contextlib.nullcontext() if pt_dtype == torch.float32
-           else torch.autocast(device_type=device.type, dtype=pt_dtype))
-    return device, pt_dtype, ctx
+def read_parallel(folder: Path, split: str, src: str, tgt: str) -> dict:
+    """{"src", "tgt": lines}: line i of split.src translates line i of split.tgt; a line ends at \\n, the last too."""
+    a, b = (read_text(folder / f"{split}.{lang}").removesuffix("\n").split("\n") for lang in (src, tgt))
+    require(len(a) == len(b), f"{folder / f'{split}.{src}'} has {len(a)} lines but {folder / f'{split}.{tgt}'} has "
+            f"{len(b)}; a parallel corpus needs one translation per line")
+    return {"src": a, "tgt": b}
 
+def load_parallel(cfg: Config) -> tuple[str, dict]:
+    """(name, {"train", "val", "test": {"src", "tgt": lines}}) of Multi30k, a folder, or the copy task."""
+    data = cfg.data
+    if data == "multi30k" and (root := download("multi30k", "the built-in SYNTHETIC copy task")):
+        for gz in (gz for gz in DATASETS["multi30k"] if not (root / gz[:-3]).exists()):  # published gzipped
+            (root / f"{gz}.{os.getpid()}").write_bytes(gzip.decompress((root / gz).read_bytes()))
+            os.replace(root / f"{gz}.{os.getpid()}", root / gz[:-3])  # unpacked once, atomically
+        data = str(root)
+    if data in ("multi30k", "builtin"):  # offline, multi30k falls back to it too (the Annotated Transformer's task)
+        log0("data: the built-in SYNTHETIC copy task (strings of 8 random digits; the target is the source)")
+        rng, sizes = random.Random(cfg.seed), {"train": 4000, "val": 200, "test": 200}
+        lines = {s: [" ".join(rng.choice("0123456789") for _ in range(8)) for _ in range(n)] for s, n in sizes.items()}
+        return "builtin-copy", {s: {"src": x, "tgt": x} for s, x in lines.items()}
+    folder, layout = Path(data), f"a folder with train.{cfg.src}, train.{cfg.tgt}, val.{cfg.src}, val.{cfg.tgt}"
+    require(folder.exists() or os.sep in data or "." in data, f"unknown dataset {data!r}: use multi30k, builtin or "
+            f"{layout} (and test.*)")
+    require(folder.is_dir() or not read_text(folder), f"--data {data} is a file, not {layout}")  # read_text first
+    test = next((t for t in ("test", "test_2016_flickr") if (folder / f"{t}.{cfg.src}").exists()), None)
+    test or log0(f"{folder} has no test.{cfg.src}: the test BLEU is measured on the validation split")
+    return folder.name, {s: read_parallel(folder, f, cfg.src, cfg.tgt) for s, f in
+                         (("train", "train"), ("val", "val"), ("test", test or "val"))}
 
-# Copied from gpt.py: setup_ddp
-def setup_ddp(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); under torchrun, joins the process group (NCCL on CUDA, Gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)  # one group for all of a main job's stages
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+def encode_pairs(tok: ByteBPE, split: dict) -> list[dict]:
+    """Examples {"src": source ids </s>, "tgt": <s> target ids </s>}."""
+    bos, eos = tok.specials["<s>"], tok.specials["</s>"]
+    return [{"src": tok.encode(x) + [eos], "tgt": [bos] + tok.encode(y) + [eos]} for x, y in zip(*split.values())]
 
+def collate(pairs: list[dict], pad_id: int) -> dict:
+    """Right-padded src (B, S), decoder input tgt_in = <s> y (B, T) and targets tgt_out = y </s> (B, T)."""
+    src, tgt = (nn.utils.rnn.pad_sequence([torch.tensor(p[k]) for p in pairs], True, pad_id) for k in ("src", "tgt"))
+    return {"src": src, "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:]}
 
-# Copied from gpt.py: make_optimizer
-def make_optimizer(model: nn.Module, lr, weight_decay, betas, eps, device) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices only (no decay on biases, LayerNorms)."""
+def token_batches(pairs: list[dict], batch_tokens: int, seed: int) -> list[list[int]]:
+    """Section 5.1: pairs by length (ties at random), in batches of about batch_tokens tokens, padding included."""
+    rng = random.Random(seed)
+    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i]["src"]), len(pairs[i]["tgt"]), rng.random()))
+    batches, S, T = [[]], 0, 0
+    for i in order:
+        S, T = max(S, len(pairs[i]["src"])), max(T, len(pairs[i]["tgt"]))
+        if batches[-1] and (len(batches[-1]) + 1) * (S + T) > batch_tokens:
+            batches.append([])
+            S, T = len(pairs[i]["src"]), len(pairs[i]["tgt"])
+        batches[-1].append(i)
+    return batches
+
+class TokenBatches:
+    """token_batches, in a new seeded order each epoch, each rank its own and as many; `position` counts them."""
+
+    def __init__(self, pairs: list[dict], batch_tokens: int, pad_id: int, seed: int):
+        self.pairs, self.pad_id, self.seed, self.position = pairs, pad_id, seed, 0
+        self.batches = token_batches(pairs, batch_tokens, seed)
+        self.per_epoch = len(self.batches) // WORLD
+        require(self.per_epoch, f"{len(self.batches)} batches cannot feed {WORLD} ranks; lower --batch_tokens")
+
+    def __next__(self) -> dict:
+        (epoch, index), self.position = divmod(self.position, self.per_epoch), self.position + 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return collate([self.pairs[i] for i in self.batches[order[index * WORLD + RANK]]], self.pad_id)
+
+# -----------------------------------------------------------------------------------------------------
+# Stages: train (section 5), translate and average (section 6.1)
+
+def noam(warmup: int):
+    """Eq. 3 over d_model^-0.5 (the base rate): min(step^-0.5, step * warmup^-1.5), step from 1 (the scheduler's 0)."""
+    return lambda s: min((s + 1) ** -0.5, (s + 1) * warmup ** -1.5)
+
+# Copied from gpt.py: adamw
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple, eps: float) -> torch.optim.AdamW:
+    """Adam with decoupled weight decay on matrices only (none on biases and LayerNorms); fused on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=params[0].device.type == "cuda")
 
-
-def noam_lambda(warmup: int):
-    """Eq. 3 divided by its factor d_model^-0.5 (the optimizer's base rate): min(step^-0.5, step *
-    warmup^-1.5), where step counts updates from 1 (the scheduler counts them from 0)."""
-    return lambda s: min((s + 1) ** -0.5, (s + 1) * warmup ** -1.5)
-
-
-# Copied from gpt.py: rng_state
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-# Copied from gpt.py: set_rng_state
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# Copied from gpt.py: save_checkpoint
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file, fsync it, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# Copied from gpt.py: load_checkpoint
-def load_checkpoint(path: str) -> dict:
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
-
-
-# Copied from gpt.py: check_compatible
-def check_compatible(ckpt: dict, cfg, script: str, fields=None) -> None:
-    """A checkpoint must come from this script and, for the architecture fields, the same model."""
-    if ckpt.get("script") != script:
-        raise UserError(f"checkpoint was written by {ckpt.get('script', 'another program')}, not {script}")
-    for name in fields if fields is not None else ARCH_FIELDS:
-        theirs, ours = ckpt["config"].get(name), getattr(cfg, name)
-        if theirs != ours:
-            raise UserError(f"checkpoint has {name}={theirs} but this run has {name}={ours}; "
-                            "use the checkpoint's architecture")
-
-
-# Copied from gpt.py: MetricsLog
-class MetricsLog:
-    """One line per record on stdout (rank 0) and one JSON object per line in out_dir/metrics.jsonl."""
-
-    def __init__(self, out_dir: Path, rank: int):
-        self.path, self.rank = out_dir / "metrics.jsonl", rank
-
-    def __call__(self, **rec):
-        if self.rank:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-              flush=True)
-
-
-# Copied from gpt.py: measure_peak_flops
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul FLOP/s of this device in this dtype: the denominator of MFU."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: resume stays exact
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ a
-    sync()
-    reps, t0 = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, evaluate, extra: dict,
-                 tokens_per_step: int, flops_per_token: float) -> dict:
-    """gpt.py's loop with the paper's optimizer: Adam(0.9, 0.98, 1e-9) and eq. 3's schedule; accumulation with
-    DDP sync on the last micro-step, bf16/fp16 autocast, evaluation and atomic checkpoints (plus copies of
-    the last keep_checkpoints of them, to average), exact resume."""
-    device, dtype, ctx = setup_device(cfg)
-    rank, world = setup_ddp(device)
-    out = Path(cfg.out_dir)
-    model.to(device)
-    base_lr = cfg.lr_factor * cfg.d_model ** -0.5  # eq. 3's factor; LambdaLR multiplies the rest
-    opt = make_optimizer(model, base_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, noam_lambda(cfg.warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, best = 0, None
-    if cfg.resume:
-        ckpt = load_checkpoint(str(out / "ckpt.pt"))
-        check_compatible(ckpt, cfg, "transformer.py")
-        if ckpt["stage"] != stage:
-            raise UserError(f"{out / 'ckpt.pt'} is a {ckpt['stage']} checkpoint, not {stage}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["data"][rank] if world == len(ckpt["data"]) else ckpt["data"][0])
-        set_rng_state(ckpt["rng"])
-        step, best = ckpt["step"], ckpt["best"]
-        log0(f"resumed {stage} from {out / 'ckpt.pt'} at step {step}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    log = MetricsLog(out, rank)
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
-    peak = measure_peak_flops(device, dtype) if rank == 0 else 1.0
-
-    def checkpoint(data_state=None, rng=None):
-        data = [data_state or sampler.state_dict()]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, data[0])
-            data = gathered
-        if rank == 0:
-            save_checkpoint(out / "ckpt.pt", {
-                "script": "transformer.py", "stage": stage, "model": raw.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "data": data, "rng": rng or rng_state(), "config": dataclasses.asdict(cfg), "best": best,
-                **extra})
-            if cfg.keep_checkpoints:  # the paper averages the last 5 checkpoints (section 6.1)
-                shutil.copyfile(out / "ckpt.pt", out / f"ckpt_{step:07d}.pt")
-                for old in sorted(out.glob("ckpt_*.pt"))[:-cfg.keep_checkpoints]:
-                    old.unlink()
-
-    def run_eval():
-        nonlocal best
-        raw.eval()
-        with torch.no_grad(), ctx:
-            metrics = evaluate(raw, device)
-        raw.train()
-        best = metrics["loss"] if best is None else min(best, metrics["loss"])
-        log(step=step, split="val", **metrics)
-        return metrics
-
-    t0 = t_last = time.time()
-    at_step_start = (None, None)
-    start_step, metrics = step, {}
-    stop = min(cfg.total_steps, cfg.max_steps) if cfg.max_steps else cfg.total_steps
-    model.train()
-    try:
-        while step < stop:
-            at_step_start = sampler.state_dict(), rng_state()  # what Ctrl-C saves mid-step
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in next(sampler).items()}
-                sync = micro == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), ctx:
-                    loss = loss_fn(model, batch)
-                    scaler.scale(loss / cfg.grad_accum).backward()
-            if not torch.isfinite(loss):
-                last = f"the last good checkpoint is {out / 'ckpt.pt'}" if (out / "ckpt.pt").exists() else \
-                    "no checkpoint was written yet"
-                raise UserError(f"loss became {loss.item()} at step {step}; stopped, {last} (try a smaller "
-                                "--lr_factor, more --warmup_steps or --norm_first)")
-            scaler.unscale_(opt)
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            at_step_start = (None, None)  # the step is complete: Ctrl-C from here saves the current state
-            if step % cfg.log_interval == 0 or step == stop:
-                now = time.time()
-                n = (step - start_step - 1) % cfg.log_interval + 1
-                tok_s = n * tokens_per_step / max(now - t_last, 1e-9)
-                eta = (now - t0) / (step - start_step) * (stop - step)
-                log(step=step, split="train", loss=loss.item(), lr=sched.get_last_lr()[0], tok_s=round(tok_s),
-                    mfu=tok_s * flops_per_token / world / peak, elapsed=round(now - t0, 1), eta=round(eta, 1))
-                t_last = now
-            if step % cfg.eval_interval == 0 or step == stop:
-                metrics = run_eval() if rank == 0 else {}
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint(*at_step_start)
-        log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        return {"step": step, "interrupted": True}
-    if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
-        metrics = run_eval() if rank == 0 else {}
-    if world > 1:
-        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
-    return {"step": step, **metrics}
-
-
-def load_trained(path: str, cfg: Config) -> tuple[Transformer, ByteBPE, Config]:
-    """(model, tokenizer, cfg with the checkpoint's architecture) from a checkpoint of this script."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("script") != "transformer.py":
-        raise UserError(f"{path} was written by {ckpt.get('script', 'another program')}, not transformer.py")
+def load_trained(cfg: Config, ckpt: dict | None = None) -> tuple[Transformer, ByteBPE, Config]:
+    """(model, tokenizer, cfg with its architecture) of a checkpoint: a resumed run's, or --init_from's."""
+    ckpt = ckpt or load_checkpoint(cfg.init_from)
     cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
-    return model, tokenizer_from_state(ckpt["tokenizer"]), cfg
-
+    return model, ByteBPE(**ckpt["tokenizer"]), cfg
 
 def train(cfg: Config) -> dict:
-    """Stage `train`: the shared BPE (or the checkpoint's), the model, then test BLEU with beam search."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    """the model on --data (sections 5.1-5.4), then the test BLEU of beam search (section 6.1)"""
+    ckpt = open_run(cfg, "train", ARCH_FIELDS + ("data", "src", "tgt", "bpe_vocab_size"))
+    (device, _, ctx), out = setup(cfg), Path(cfg.out_dir)
     name, splits = load_parallel(cfg)
-    model, tok = None, None
-    if cfg.resume:
-        tok = tokenizer_from_state(load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))["tokenizer"])
-    elif cfg.init_from:
-        model, tok, cfg = load_trained(cfg.init_from, cfg)
-    if tok is None:
-        t0 = time.time()
-        tok = ByteBPE.train("\n".join(splits["train"][0] + splits["train"][1]), cfg.bpe_vocab_size, SPECIALS)
-        log0(f"trained a shared byte-level BPE: {len(tok)} tokens in {time.time() - t0:.1f}s")
-    if cfg.vocab_size and cfg.vocab_size != len(tok):
-        raise UserError(f"--vocab_size {cfg.vocab_size} differs from the vocabulary's {len(tok)} tokens; leave it 0")
-    cfg = dataclasses.replace(cfg, vocab_size=len(tok))
-    model = model or build_model(cfg)
-    train_pairs, val_pairs = (encode_pairs(tok, splits[s], cfg.max_len, s) for s in ("train", "val"))
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sampler = TokenBatches(train_pairs, cfg.batch_tokens, model.pad, cfg.seed, rank, world)
-    val = TokenBatches(val_pairs, cfg.batch_tokens, model.pad, cfg.seed)
-    src_len = sum(len(x) for x, _ in train_pairs) / len(train_pairs)
-    tgt_len = sum(len(y) - 1 for _, y in train_pairs) / len(train_pairs)
-    log0(f"training on {name} {cfg.src}->{cfg.tgt}: {len(train_pairs):,} pairs in {len(sampler.batches)} batches, "
-         f"{len(val_pairs):,} val pairs, vocab {len(tok)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-         f"parameters, {'pre' if cfg.norm_first else 'post'}-LN")
+    model, tok, cfg = load_trained(cfg, ckpt) if ckpt or cfg.init_from else (None, None, cfg)
+    if model is None:  # one BPE learned over both languages (section 5.1)
+        tok = ByteBPE.train("\n".join(splits["train"]["src"] + splits["train"]["tgt"]), cfg.bpe_vocab_size, SPECIALS)
+        log0(f"a byte-level BPE shared by {cfg.src} and {cfg.tgt}: {len(tok)} tokens")
+        require(cfg.vocab_size in (0, len(tok)), f"--vocab_size {cfg.vocab_size} is not the vocabulary's {len(tok)}")
+        cfg = dataclasses.replace(cfg, vocab_size=len(tok))
+        model = build_model(cfg)
+    pairs = {s: encode_pairs(tok, split) for s, split in splits.items()}
+    longest, split, n = max((max(len(p["src"]), len(p["tgt"]) - 1), s, n)  # the decoder reads <s> y, predicts y </s>
+                            for s, ps in pairs.items() for n, p in enumerate(ps, 1))
+    require(longest <= cfg.max_len, f"{name} {split} line {n} has {longest} tokens, more than --max_len {cfg.max_len}"
+            f"; pass --max_len {-(-longest // 64) * 64} (or more)")
+    batches, model = TokenBatches(pairs["train"], cfg.batch_tokens, model.pad, cfg.seed), model.to(device)
+    src_len, tgt_len = (sum(len(p[k]) for p in pairs["train"]) / len(pairs["train"]) for k in ("src", "tgt"))
+    log0(f"{name} {cfg.src}->{cfg.tgt}: {len(pairs['train']):,} training pairs in {len(batches.batches)} batches, "
+         f"{len(pairs['val']):,} validation pairs; {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    def evaluate(m, device):
-        total, nll, count = 0.0, 0.0, 0
-        for b in val:
-            b = {k: v.to(device) for k, v in b.items()}
-            n = (b["tgt_out"] != m.pad).sum().item()
-            logits = m(b["src"], b["tgt_in"])
-            total += label_smoothed_loss(logits, b["tgt_out"], cfg.label_smoothing, m.pad).item() * n
-            nll += F.cross_entropy(logits.float().flatten(0, 1), b["tgt_out"].flatten(), ignore_index=m.pad,
-                                   reduction="sum").item()
-            count += n
-        return {"loss": total / count, "nll": nll / count, "ppl": math.exp(nll / count)}
+    def scores(m, split: str) -> dict:  # the label-smoothed loss and the perplexity of a whole split
+        loss = nll = count = 0.0
+        for group in token_batches(pairs[split], cfg.batch_tokens, cfg.seed):
+            b = {k: v.to(device) for k, v in collate([pairs[split][i] for i in group], m.pad).items()}
+            logits, targets = m(b["src"], b["tgt_in"]).float().flatten(0, 1), b["tgt_out"].flatten()
+            loss += F.cross_entropy(logits, targets, ignore_index=m.pad, reduction="sum",
+                                    label_smoothing=cfg.label_smoothing).item()
+            nll += F.cross_entropy(logits, targets, ignore_index=m.pad, reduction="sum").item()
+            count += (targets != m.pad).sum().item()
+        return {"loss": loss / count, "nll": nll / count, "ppl": math.exp(min(nll / count, 700))}
 
-    metrics = run_training(cfg, "train", model, sampler, pretrain_loss, evaluate, {"tokenizer": tok.state()},
-                           cfg.batch_tokens * cfg.grad_accum * world, model.flops_per_token(src_len, tgt_len))
-    if rank == 0 and not metrics.get("interrupted"):
-        device, _, ctx = setup_device(cfg)
-        t0 = time.time()
-        with ctx:
-            hyps = translate_lines(model, tok, splits["test"][0], cfg.beam_size, cfg.length_penalty,
-                                   cfg.max_extra_len, device)
-        metrics["bleu"] = corpus_bleu(hyps, splits["test"][1])
-        MetricsLog(Path(cfg.out_dir), rank)(step=metrics["step"], split="test", bleu=metrics["bleu"],
-                                            beam=cfg.beam_size, seconds=round(time.time() - t0, 1))
-        metrics["translations"] = list(zip(splits["test"][0], hyps, splits["test"][1]))
-    log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-                             if k != "translations"))
+    def evaluate(m):  # on val; and a copy of the weights for `average` (atomic, only finite ones, rank 0)
+        metrics, step = scores(m, "val"), batches.position // cfg.grad_accum
+        if RANK == 0 and cfg.keep_checkpoints and all(p.isfinite().all() for p in m.parameters()):
+            save_checkpoint(out / f"ckpt_{step:07d}.pt", {"script": SCRIPT, "stage": "train", "step": step, "config":
+                            dataclasses.asdict(cfg), "model": m.state_dict(), "tokenizer": tok.state()})
+            for old in sorted(out.glob("ckpt_*.pt"))[:-cfg.keep_checkpoints]:
+                old.unlink()
+        return metrics
+
+    opt = adamw(model, cfg.lr_factor * cfg.d_model ** -0.5, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, noam(cfg.warmup_steps))
+    loss = functools.partial(pretrain_loss, label_smoothing=cfg.label_smoothing)
+    metrics = train_loop(cfg, "train", model, opt, sched, batches, loss, evaluate, ckpt, total=cfg.total_steps,
+                         tokens=cfg.batch_tokens * cfg.grad_accum, flops=model.flops_per_token(src_len, tgt_len - 1),
+                         extra={"tokenizer": tok.state()})
+    if RANK == 0:  # the test BLEU of beam search (section 6.1), also in metrics.jsonl
+        with torch.no_grad(), ctx:
+            record = {"step": metrics["step"], "split": "test", **scores(model.eval(), "test")}
+            hyps = translate_lines(model, tok, splits["test"]["src"], cfg, device)
+        record.update(bleu=corpus_bleu(hyps, splits["test"]["tgt"]), beam=cfg.beam_size)
+        log_metrics(out, f"test BLEU {record['bleu']:.2f} (beam {cfg.beam_size}, sacreBLEU 13a), loss "
+                    f"{record['loss']:.4g}\n", **record)
+        for s, r, h in list(zip(splits["test"]["src"], splits["test"]["tgt"], hyps))[:4]:
+            log0(f"source     {s}\nreference  {r}\ntranslated {h}\n")
+        metrics.update(bleu=record["bleu"], test_loss=record["loss"])
     return metrics
 
-
-# -----------------------------------------------------------------------------------------------------
-# Stages `translate` and `average`
-
-
-def translate(cfg: Config, lines: list[str] | None = None) -> list[str]:
-    """Translate stdin (or the given lines), one sentence per line, to stdout."""
-    if not cfg.init_from:
-        raise UserError("translate needs --init_from a checkpoint (out_dir/ckpt.pt)")
-    model, tok, cfg = load_trained(cfg.init_from, cfg)
-    device, _, ctx = setup_device(cfg)
-    model.to(device)
-    if lines is None:
-        try:
-            lines = sys.stdin.read().splitlines()
-        except UnicodeDecodeError:
-            raise UserError("standard input is not UTF-8 text") from None
+def translate(cfg: Config) -> list[str]:
+    """the sentences on standard input, one per line, with the --init_from model (section 6.1)"""
+    require(cfg.init_from, "translate needs --init_from a checkpoint (out_dir/ckpt.pt, or one that average wrote)")
+    (model, tok, cfg), (device, _, ctx) = load_trained(cfg), setup(cfg)
+    try:
+        text = sys.stdin.read().replace("\r\n", "\n")
+    except UnicodeDecodeError:
+        raise UserError("standard input is not UTF-8 text") from None
+    lines = text.removesuffix("\n").split("\n") if text else []  # at \n only: a sentence may hold U+2028 or NEL
     with ctx:
-        out = translate_lines(model, tok, lines, cfg.beam_size, cfg.length_penalty, cfg.max_extra_len, device)
-    for line in out:
-        print(line, flush=True)
+        out = translate_lines(model.to(device), tok, lines, cfg, device)
+    out and print(*out, sep="\n", flush=True)
     return out
 
-
-def average(cfg: Config, paths: list[str]) -> dict:
-    """Stage `average`: the element-wise mean of the weights of several checkpoints of one model (the paper
-    averages the last 5), written to out_dir/ckpt.pt with the first one's config and vocabulary."""
-    if not paths:
-        raise UserError("average needs checkpoint paths: python transformer.py average ckpt1.pt ckpt2.pt ...")
-    out = Path(cfg.out_dir) / "ckpt.pt"
-    if out.exists() and load_checkpoint(str(out)).get("stage") != "average":
-        raise UserError(f"{out} is a training checkpoint; write the average elsewhere with --out_dir")
-    ckpts = [load_checkpoint(p) for p in paths]
-    first = ckpts[0]
-    if first.get("script") != "transformer.py":
-        raise UserError(f"{paths[0]} was written by {first.get('script', 'another program')}, not transformer.py")
-    arch = Config(**{k: v for k, v in first["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+def average(cfg: Config) -> dict:
+    """the mean of the weights of --init_from's last --average_last kept copies, or of a,b,c.pt (section 6.1)"""
+    require(cfg.init_from, "average needs --init_from: a training out_dir, or checkpoints a.pt,b.pt,c.pt")
+    folder = Path(cfg.init_from)
+    paths = sorted(folder.glob("ckpt_*.pt"))[-cfg.average_last:] if folder.is_dir() else [
+        Path(p) for p in cfg.init_from.split(",") if p]
+    require(paths, f"{folder} holds no kept copies ckpt_STEP.pt (train with --keep_checkpoints above 0)")
+    ckpts = [load_checkpoint(p, ("train", "average")) for p in paths]
     for p, c in zip(paths[1:], ckpts[1:]):
-        check_compatible(c, arch, "transformer.py")
-        if c["tokenizer"] != first["tokenizer"]:
-            raise UserError(f"{p} has a different vocabulary from {paths[0]}; average checkpoints of one run")
-    state = {k: sum(c["model"][k].double() for c in ckpts).div(len(ckpts)).to(v.dtype)
-             for k, v in first["model"].items()}
-    save_checkpoint(out, {"script": "transformer.py", "stage": "average", "model": state, "config": first["config"],
-                          "tokenizer": first["tokenizer"], "averaged": [str(p) for p in paths],
-                          "step": max(c.get("step", 0) for c in ckpts)})
-    log0(f"averaged {len(paths)} checkpoints into {out}")
-    return {"path": str(out), "n": len(paths)}
+        require(all(c["config"][k] == ckpts[0]["config"][k] for k in ARCH_FIELDS) and c["tokenizer"] == ckpts[0][
+            "tokenizer"], f"{p} is another model than {paths[0]} (architecture or vocabulary); average one run's")
+    out = Path(cfg.out_dir) / "ckpt.pt"
+    require(not out.exists() or load_checkpoint(out)["stage"] == "average", f"{out} is a training checkpoint; write "
+            "the average elsewhere with --out_dir")
+    model = {k: sum(c["model"][k].double() for c in ckpts).div(len(ckpts)).to(v.dtype)
+             for k, v in ckpts[0]["model"].items()}
+    save_checkpoint(out, {"script": SCRIPT, "stage": "average", "step": max(c["step"] for c in ckpts), "model": model,
+                          "config": ckpts[0]["config"], "tokenizer": ckpts[0]["tokenizer"],
+                          "averaged": [str(p) for p in paths]})
+    log0(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {out}")
+    return {"path": str(out), "averaged": [str(p) for p in paths]}
 
+def main_job(cfg: Config) -> dict:
+    """train into out_dir/train: it ends with the test BLEU and a few translations"""
+    return train(dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / "train")))
 
-# -----------------------------------------------------------------------------------------------------
-# CLI
+# ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
+# Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.
 
+SCRIPT = Path(__file__).name  # written into checkpoints: each script reads only its own
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),
+        (torch.get_rng_state, torch.set_rng_state), (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+log0 = functools.partial(print, flush=True) if RANK == 0 else lambda *args, **kwargs: None  # rank 0 speaks
 
-# Copied from gpt.py: parse_config
-def parse_config(argv, doc: str, stages, presets: dict):
-    """`[STAGE] --preset P --<field> VALUE ...`: flags generated from Config; preset values are the
-    defaults that explicit flags override."""
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit status 2
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+class UserError(Exception):
+    """Bad input: main() prints it as one line `error: ...` and exits with status 2."""
 
-    p = Parser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-               epilog=f"stages: {', '.join(stages)}; with no stage, the main job runs")
-    p.add_argument("stage", nargs="?", choices=stages, help="stage to run (default: the main job)")
-    p.add_argument("--preset", default="small", choices=sorted(presets))
-    for f in dataclasses.fields(presets["small"]):
-        kind = type(f.default)
-        if kind is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {f.default})")
-        else:
-            p.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
-    args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(presets["small"])
-                 if getattr(args, f.name) is not None}
-    return args.stage, dataclasses.replace(presets[args.preset], **overrides)
+def require(ok, message: str) -> None:
+    if not ok:
+        raise UserError(message)
 
+def download(name: str, fallback: str) -> Path | None:
+    """The cache folder of DATASETS[name], each file downloaded once and checked against its sha256.
+    Without a network: one line saying that `fallback` is used instead, and None."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nlp-lineage"
+    root = Path(os.environ.get("NLP_LINEAGE_CACHE") or cache) / name
+    for fname, (url, sha) in DATASETS[name].items():
+        if not (root / fname).exists():
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    data = r.read()
+            except OSError as e:
+                return log0(f"offline ({e.__class__.__name__}): using {fallback} instead of {name}")
+            require(hashlib.sha256(data).hexdigest() == sha, f"{url} does not match its known sha256; not used")
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f"{fname}.{os.getpid()}").write_bytes(data)
+            os.replace(root / f"{fname}.{os.getpid()}", root / fname)
+    return root
 
-def main(argv=None) -> dict | list:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    paths = []
-    if argv[:1] == ["average"]:  # `average ckpt1 ckpt2 ... [--flags]`: the paths come before any flag
-        while len(argv) > 1 and not argv[1].startswith("-"):
-            paths.append(argv.pop(1))
-    stage, cfg = parse_config(argv, __doc__, STAGES, PRESETS)
+def read_text(path) -> str:
+    """A UTF-8 text file with \\n line ends. Split it at \\n only: U+2028, NEL and such may stand in a sentence."""
+    require(Path(path).is_file(), f"data file {path} does not exist")
     try:
-        validate(cfg)
-        if stage == "train":
-            return train(cfg)
-        if stage == "translate":
-            return translate(cfg)
-        if stage == "average":
-            return average(cfg, paths)
-        # the main job: train into out_dir/train, then show a few test translations and the test BLEU
-        metrics = train(dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / "train")))
-        for src, hyp, ref in metrics.get("translations", [])[:5]:
-            log0(f"source     {src}\nreference  {ref}\ntranslated {hyp}\n")
-        if "bleu" in metrics:
-            log0(f"test BLEU {metrics['bleu']:.2f} (beam {cfg.beam_size}, sacreBLEU 13a)")
-        return metrics
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    require(text.strip(), f"data file {path} is empty")
+    return text
 
+def setup(cfg) -> tuple[torch.device, torch.dtype, torch.autocast]:
+    """Device (auto: cuda, mps, cpu), autocast dtype (auto: bf16 where the device runs it fast, else fp32;
+    NLP_LINEAGE_AUTO_DTYPE in the environment sets what auto means), TF32, and under torchrun DDP."""
+    name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else \
+        "mps" if torch.backends.mps.is_available() else "cpu"
+    require(re.fullmatch(r"cpu|mps|cuda(:\d+)?", name), f"--device must be auto, cpu, cuda[:N] or mps, not {name!r}")
+    require(name == "cpu" or (torch.backends.mps if name == "mps" else torch.cuda).is_available(), f"no {name} here")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls on CUDA
+    device.type == "cuda" and torch.cuda.set_device(device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else os.environ.get("NLP_LINEAGE_AUTO_DTYPE", "auto")
+    if dtype == "auto":
+        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else "avx512_bf16" in cpu or "amx_bf16" in cpu
+        dtype = "bfloat16" if fast and device.type != "mps" else "float32"
+    require(dtype in ("float32", "bfloat16", "float16"), f"NLP_LINEAGE_AUTO_DTYPE must be a --dtype, not {dtype!r}")
+    if WORLD > 1 and not dist.is_initialized():  # one process group for all the stages of a main job
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return device, getattr(torch, dtype), torch.autocast(device.type, getattr(torch, dtype), enabled=dtype != "float32")
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a temporary file, fsync, then a rename over the old one; a crash leaves one or the other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # a failed write leaves this, never a broken checkpoint
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def load_checkpoint(path, stages=()) -> dict:
+    """A checkpoint that this script wrote, of one of `stages` (any, when empty); anything else is one line."""
+    require(Path(path).is_file(), f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+    script = ckpt.get("script", "another program") if isinstance(ckpt, dict) else "another program"
+    require(script == SCRIPT, f"{path} was written by {script}, not by {SCRIPT}")
+    stage = ckpt.get("stage")
+    require(not stages or stage in stages, f"{path} is a {stage} checkpoint, not {' or '.join(stages)}")
+    return ckpt
+
+def open_run(cfg, stage: str, fields=()) -> dict | None:
+    """The start of a training stage: seed, check out_dir before anything is read or written, and with
+    --resume return its checkpoint, which must agree on `fields` (but those at 0 or "": derived from the data)."""
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(cfg.seed + RANK)
+    out = Path(cfg.out_dir)
+    parent = next(p for p in (out, *out.parents) if p.exists())  # out_dir, or the folder it will be made in
+    require(parent.is_dir() and os.access(parent, os.W_OK), f"--out_dir {out} is not a folder that can be written")
+    require(cfg.resume or not (out / "ckpt.pt").exists(), f"{out} holds a run: continue it with --resume or give "
+            "another --out_dir")
+    ckpt = load_checkpoint(out / "ckpt.pt", (stage,)) if cfg.resume else None
+    for f in [f for f in fields if ckpt and (v := getattr(cfg, f)) != ckpt["config"].get(f) and (v or v is False)]:
+        raise UserError(f"{out} was trained with --{f} {ckpt['config'].get(f)}, not {getattr(cfg, f)}")
+    return ckpt
+
+def log_metrics(out, text: str, **record) -> None:
+    """`text` for people on stdout, and `record` as one JSON line in out_dir/metrics.jsonl (rank 0 only)."""
+    if RANK == 0:
+        print(text, flush=True)
+        with open(Path(out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, evaluate, ckpt=None, *,
+               total: int, tokens: int, flops=0.0, extra=None, metric="loss", patience=0, keep_best=False,
+               on_step=None, clip=None) -> dict:
+    """Every training stage: `total` steps (--max_steps stops early) of grad_accum batches (DDP syncs on the
+    last) through loss_fn(model, batch) under autocast, clipping (each group of clip(model) alone), opt, sched.
+    Every eval_interval steps and at the end: evaluate(model) -> metrics, an atomic checkpoint (keep_best: and
+    best.pt when `metric` improves; `patience` evaluations without that stop the run). on_step(step) starts a
+    step; True: it changed which parameters train. batches.position is all --resume needs of the data (any state
+    carried between batches too) to continue exactly. Ctrl-C: the step completes, is saved, then exit 130."""
+    device, dtype, ctx = setup(cfg)
+    raw, out, t0, higher = model, Path(cfg.out_dir), time.time(), metric in ("acc", "f1", "bleu")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    parts = {"model": raw, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    step, best, stale = (ckpt["step"], ckpt["best"], ckpt["stale"]) if ckpt else (0, None, 0)
+    if ckpt:
+        for key, part in parts.items():
+            part and part.load_state_dict(ckpt[key])
+        mine = ckpt["data"][RANK if len(ckpt["data"]) == WORLD else 0]
+        batches.position = mine["position"]
+        for (_, put), state in zip(RNGS, mine["rng"]):
+            put(state)
+        log0(f"resumed {stage} from {out / 'ckpt.pt'} at step {step}")
+    RANK == 0 and out.mkdir(parents=True, exist_ok=True)
+    a, sync = torch.full((1024, 1024), 0.5, device=device, dtype=dtype), getattr(torch, device.type).synchronize
+    a @ a, sync()  # a warm-up, then the measured matmul peak: MFU's denominator
+    t_peak = time.perf_counter()
+    [a @ a for _ in range(5)], sync()
+    peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t_peak)
+
+    def wrap():  # DDP registers the parameters that train now
+        m = torch.compile(raw) if cfg.compile else raw
+        return nn.parallel.DistributedDataParallel(m) if WORLD > 1 else m
+    def save(improved=False):  # every rank's data position and RNGs; rank 0 writes
+        data = [{"position": batches.position, "rng": [get() for get, _ in RNGS]}] * WORLD
+        WORLD > 1 and dist.all_gather_object(data, data[0])
+        state = {"script": SCRIPT, "stage": stage, "config": dataclasses.asdict(cfg), "step": step, "best": best,
+                 "stale": stale, "data": data, **(extra or {}), **{k: p.state_dict() for k, p in parts.items() if p}}
+        for path in [out / "ckpt.pt"] + [out / "best.pt"] * (keep_best and improved) if RANK == 0 else []:
+            save_checkpoint(path, state)
+            (out / "config.json").write_text(json.dumps(state["config"], indent=1))
+    def evaluate_and_save():
+        nonlocal best, stale
+        with torch.no_grad(), ctx:
+            metrics = evaluate(raw.eval())
+        raw.train()
+        require(all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)) and all(p.isfinite().all()
+                for p in raw.parameters()), f"{stage} diverged by step {step}; stopped, {out}/ckpt.pt is from before")
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        log_metrics(out, f"step {step}/{total} | val {shown}", step=step, split="val", **metrics)
+        improved = best is None or (metrics[metric] > best if higher else metrics[metric] < best)
+        best, stale = (metrics[metric], 0) if improved else (best, stale + 1)
+        save(improved)
+        return metrics
+    on_sigint = lambda *_: stopping.append((signal.signal(signal.SIGINT, signal.default_int_handler),  # then a 2nd
+                                            log0("Ctrl-C: stopping after this step (again: stop at once, unsaved)")))
+
+    stopping, metrics, start, stop = [], {}, step, min(total, cfg.max_steps or total)
+    nonfinite = torch.zeros((), device=device)  # the first step whose loss was not finite, 0 if none
+    handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    model, hms, t_last, logged = wrap(), lambda s: f"{s // 60:.0f}:{s % 60:02.0f}", time.time(), step
+    try:
+        while step < stop:
+            if on_step and on_step(step):
+                model = wrap()
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                with contextlib.nullcontext() if micro == cfg.grad_accum - 1 or WORLD == 1 else model.no_sync():
+                    with ctx:
+                        loss = loss_fn(model, batch)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                nonfinite = torch.where((nonfinite == 0) & ~loss.detach().isfinite(), step + 1.0, nonfinite)  # no sync
+            scaler.unscale_(opt)
+            for group in (clip(raw) if clip else [raw.parameters()]) if cfg.grad_clip > 0 else []:
+                nn.utils.clip_grad_norm_([p for p in group if p.requires_grad], cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched and sched.step()
+            step += 1
+            flag = torch.tensor(float(bool(stopping)), device=device if WORLD > 1 and device.type == "cuda" else "cpu")
+            WORLD > 1 and dist.all_reduce(flag, dist.ReduceOp.MAX)  # all ranks stop at the same step
+            evaluating = step % cfg.eval_interval == 0 or step == stop
+            if step % cfg.log_interval == 0 or evaluating or flag.item():
+                require(not nonfinite, f"the loss became {loss.item()} at step {nonfinite:.0f}; stopped, {out}/ckpt.pt "
+                        "(if any) is from before (try a lower learning rate)")
+                now, lr = time.time(), max(g["lr"] for g in opt.param_groups)
+                tok_s, logged = (step - logged) * tokens * WORLD / (now - t_last), step
+                eta, mfu, t_last = (now - t0) / (step - start) * (stop - step), tok_s * flops / WORLD / peak, now
+                text = f"loss {loss.item():.4g} | lr {lr:.1e} | {tok_s:,.0f} tok/s | mfu {mfu:.1%} | {hms(now - t0)}"
+                log_metrics(out, f"step {step}/{total} | {text} elapsed, eta {hms(eta)}", step=step, split="train",
+                            loss=loss.item(), lr=lr, tok_s=tok_s, mfu=mfu, elapsed=now - t0, eta=eta)
+            metrics = evaluate_and_save() if evaluating else metrics
+            if flag.item():
+                evaluating or save()
+                log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
+                raise SystemExit(130)
+            if patience and stale >= patience and step < stop:
+                log0(f"early stopping at step {step}: no better dev {metric} in {patience} evaluations")
+                break
+    finally:
+        handler and signal.signal(signal.SIGINT, handler)
+    metrics = metrics or evaluate_and_save()  # resumed at the end of its schedule: evaluate once more
+    WORLD > 1 and dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
+    return {"step": step, **metrics, "best": best}
+
+def parse_config(argv, stages: dict):
+    """`[STAGE] [--preset P] [--FIELD VALUE ...]`: a flag per Config field with its choices and its presets'
+    values, grouped and explained by Config's own comments; numbers must be finite."""
+    doc = "\n".join(f"  {n or '(none)':12} {fn.__doc__.strip().splitlines()[0]}" for n, fn in stages.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="stages:\n" + doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: require(False, message)  # one line, exit status 2
+    p.add_argument("stage", nargs="?", choices=[s for s in stages if s], help="what to run (none: the main job)")
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="the values of the fields below")
+    kinds, group = typing.get_type_hints(Config), p
+    for line in inspect.getsource(Config).splitlines():
+        if m := re.fullmatch(r"    # (.+)", line):
+            group = p.add_argument_group(m[1])
+        elif m := re.fullmatch(r"    (\w+): .+? = .+?(?:  # (.*))?", line):
+            kind = kinds[m[1]]
+            how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(
+                choices=typing.get_args(kind) or None, type=kind if kind in (int, float) else str)
+            vals = {name: repr(getattr(c, m[1])) for name, c in PRESETS.items()}
+            vals = ", ".join(f"{k} {v}" for k, v in vals.items()) if len(set(vals.values())) > 1 else vals["paper"]
+            group.add_argument(f"--{m[1]}", help=f"{m[2] or ''} [{vals}]".replace("%", "%%"), **how)
+    args = vars(p.parse_args(argv))
+    stage, preset = args.pop("stage"), args.pop("preset")
+    for k, v in args.items():
+        require(not isinstance(v, float) or math.isfinite(v), f"--{k} must be a finite number, not {v}")
+    return stage, dataclasses.replace(PRESETS[preset], **{k: v for k, v in args.items() if v is not None})
+
+def run_main(argv, stages: dict):
+    """Parse, check and run a stage (None: the main job); bad input and Ctrl-C end in one line."""
+    try:
+        stage, cfg = parse_config(argv, stages)
+        validate(cfg)
+        return stages[stage](cfg)
+    except (UserError, KeyboardInterrupt) as e:  # bad input: status 2; Ctrl-C outside the loop's steps: 130
+        print(f"error: {e}" if isinstance(e, UserError) else "interrupted: nothing more was saved", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 130)
+# ==== end of harness ====
+
+def main(argv=None) -> dict:
+    return run_main(argv, {None: main_job, "train": train, "translate": translate, "average": average})
 
 if __name__ == "__main__":
     main()

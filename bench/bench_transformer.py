@@ -15,6 +15,7 @@ import dataclasses
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,11 +52,21 @@ def step_time(model, batch, opt, ctx, steps):
     t0 = time.perf_counter()
     for _ in range(steps):
         with ctx:
-            loss = T.label_smoothed_loss(model(batch["src"], batch["tgt_in"]), batch["tgt_out"], 0.1, model.pad)
+            loss = T.pretrain_loss(model, batch, label_smoothing=0.1)  # <pad> is the last id in both models
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return (time.perf_counter() - t0) / steps
+
+
+def measured_peak(dtype, n=1024, reps=5):
+    """Dense matmul FLOP/s of this CPU in this dtype (the harness's measure): the denominator of MFU."""
+    a = torch.full((n, n), 0.5, dtype=dtype)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
 def throughput(args):
@@ -83,7 +94,7 @@ def throughput(args):
                 times[name].append(step_time(m, batch, opts[name], ctx, args.steps))
         med = {k: statistics.median(v) for k, v in times.items()}
         tokens = B * (S + L)
-        peak = T.measure_peak_flops(torch.device("cpu"), dtype)
+        peak = measured_peak(dtype)
         mfu = tokens / med["ours"] * ours.flops_per_token(S, L) / peak
         print(f"{str(dtype).replace('torch.', ''):9s} ours {med['ours'] * 1e3:7.1f} ms/step "
               f"({tokens / med['ours']:,.0f} tok/s, MFU {mfu:.1%} of a measured {peak / 1e9:.0f} GFLOP/s), "
@@ -91,16 +102,18 @@ def throughput(args):
 
 
 def quality(args):
-    out = Path(args.out_dir)
+    out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_transformer_"))
     t0 = time.time()
     m = T.main(["train", "--preset", "small", "--data", args.data, "--out_dir", str(out), "--max_steps",
                 str(args.max_steps), "--eval_interval", str(args.max_steps), "--log_interval", "20",
                 "--beam_size", "4", "--keep_checkpoints", "0"])
     seconds = time.time() - t0
-    model, tok, cfg = T.load_trained(str(out / "ckpt.pt"), T.PRESETS["small"])
-    src, ref = T.read_parallel(Path(args.data), "test_2016_flickr", "de", "en")
+    model, tok, cfg = T.load_trained(dataclasses.replace(T.PRESETS["small"], init_from=str(out / "ckpt.pt")))
+    test = T.read_parallel(Path(args.data), "test_2016_flickr", "de", "en")
+    src, ref = test["src"], test["tgt"]
     t1 = time.time()
-    greedy = T.translate_lines(model, tok, src, 1, 0.6, 50, torch.device("cpu"))
+    with torch.no_grad():
+        greedy = T.translate_lines(model, tok, src, dataclasses.replace(cfg, beam_size=1), torch.device("cpu"))
     t_greedy = time.time() - t1
     print(f"small preset, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {m['step']} steps "
           f"in {seconds:.0f}s (training + beam decoding of test2016); val nll {m['nll']:.3f}; "
@@ -116,6 +129,6 @@ if __name__ == "__main__":
     p.add_argument("--length", type=int, default=24)
     p.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/multi30k"))
     p.add_argument("--max_steps", type=int, default=60)
-    p.add_argument("--out_dir", default="/tmp/bench_transformer")
+    p.add_argument("--out_dir", default="", help="a new folder (default: a fresh temporary one)")
     a = p.parse_args()
     throughput(a) if a.what == "throughput" else quality(a)

@@ -1,7 +1,13 @@
-"""What is particular to transformer.py: the paper's attention and masks, parity with torch.nn's Transformer
-layers, the schedule, label smoothing, three-way tying, decoding, BLEU against sacrebleu, training, errors."""
+"""transformer.py: the paper's attention and masks, parity with torch.nn's Transformer layers, the schedule, label
+smoothing, three-way tying, beam search (beam 1 is greedy search; a wide beam finds the brute-force best), BLEU
+against sacrebleu, the parallel corpus and its token batches, kept copies and averaging, translation, DDP and
+transformer.py's own errors. The loop's guarantees common to all six scripts are in tests/test_harness.py."""
 import dataclasses
+import gzip
+import hashlib
 import io
+import itertools
+import json
 import math
 import os
 import random
@@ -12,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
 from hypothesis import given, settings, strategies as st
 
 import transformer as T
@@ -19,48 +27,90 @@ from rows import Rows
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 40  # a tiny vocabulary: ids 0..36 are tokens, 37 <s>, 38 </s>, 39 <pad>
+FP32 = ["--device", "cpu", "--dtype", "float32"]
+BASE = ["--preset", "tiny", "--data", "builtin", *FP32, "--max_extra_len", "4"]
 
 
 def tiny(seed=0, **kw) -> T.Transformer:
     torch.manual_seed(seed)
-    cfg = dataclasses.replace(T.PRESETS["tiny"], vocab_size=V, d_model=32, d_ff=48, n_head=4, dropout=0.1, **kw)
+    cfg = dataclasses.replace(T.PRESETS["tiny"], **{"vocab_size": V, "d_model": 32, "d_ff": 48, "n_head": 4,
+                                                    "dropout": 0.1, **kw})
     return T.build_model(cfg).eval()
 
 
-def ids(seed, B, T_):
-    return torch.randint(0, V - 3, (B, T_), generator=torch.Generator().manual_seed(seed))
+def ids(seed, B, T_, vocab=V):
+    return torch.randint(0, vocab - 3, (B, T_), generator=torch.Generator().manual_seed(seed))
 
 
 def fixed_src(B):
     return ids(12345, B, 5)
 
 
-def record(model, on=True):
-    mods = [m for m in model.modules() if isinstance(m, T.MultiHeadAttention)]
-    for m in mods:
-        m.record = on
-    return mods
+def new_cache(model):
+    return [{"self": {}, "cross": {}} for _ in model.decoder]
+
+
+def attention_weights(model, run) -> dict:
+    """Run `run()` with a forward hook on every MultiHeadAttention and return {module: weights (B, H, T, S)},
+    softmax(Q K^T / sqrt(d_k)) (eq. 1) recomputed from the module's projections and the inputs it was given;
+    each hook also checks that those weights, times V and W^O, give the module's own output."""
+    weights = {}
+
+    def hook(mod, args, kwargs, out):
+        x, kv, mask = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("mask")
+        q, k, v = (rearrange(proj(t), "b t (h d) -> b h t d", h=mod.n_head)
+                   for proj, t in ((mod.q, x), (mod.k, kv), (mod.v, kv)))
+        att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        weights[mod] = (att if mask is None else att.masked_fill(~mask, -math.inf)).softmax(-1)
+        y = mod.o(rearrange(weights[mod] @ v, "b h t d -> b t (h d)"))
+        torch.testing.assert_close(y, out, atol=1e-5, rtol=1e-5)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, T.MultiHeadAttention)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return weights
 
 
 def attention_rows(model, x):
-    """Encoder self (S = T), decoder self (S = T + 1), encoder-decoder (S = T), for every layer."""
+    """Encoder self-attention (S = T), decoder self-attention (S = T + 1) and encoder-decoder attention (S = T)."""
     tgt_in = torch.cat([torch.full((x.size(0), 1), model.bos), x.flip(1)], dim=1)
-    record(model)
-    model(x, tgt_in)
+    w = attention_weights(model, lambda: model(x, tgt_in))
     H, T_ = model.cfg.n_head, x.size(1)
-    out = [(layer.self_attn.weights, (H, T_)) for layer in model.encoder]
-    for layer in model.decoder:
-        out += [(layer.self_attn.weights, (H, T_ + 1)), (layer.cross_attn.weights, (H, T_))]
-    record(model, False)
-    return out
+    return [(w[layer.self_attn], (H, T_)) for layer in model.encoder] + [
+        pair for layer in model.decoder for pair in ((w[layer.self_attn], (H, T_ + 1)), (w[layer.cross_attn], (H, T_)))]
 
 
-def loss_of(model, seed):
+def batch_of(model, seed):
     g = torch.Generator().manual_seed(seed)
     src, tgt = torch.randint(0, V - 3, (3, 7), generator=g), torch.randint(0, V - 3, (3, 6), generator=g)
     src[0, 4:], tgt[1, 3:] = model.pad, model.pad
-    tgt_in = torch.cat([torch.full((3, 1), model.bos), tgt[:, :-1]], 1)
-    return T.pretrain_loss(model, {"src": src, "tgt_in": tgt_in, "tgt_out": tgt})
+    return {"src": src, "tgt_in": torch.cat([torch.full((3, 1), model.bos), tgt[:, :-1]], 1), "tgt_out": tgt}
+
+
+def dropout_rates(seed):
+    """How often the embedding dropout and the residual (sublayer) dropouts zero a non-zero element in one training
+    forward pass at P_drop = 0.1 (section 5.4)."""
+    model, seen = tiny(seed, dropout=0.1).train(), {"embedding": [0, 0], "sublayer": [0, 0]}
+
+    def count(kind):
+        def hook(mod, args, out):
+            real = args[0] != 0
+            seen[kind][0] += ((out == 0) & real).sum().item()
+            seen[kind][1] += real.sum().item()
+        return hook
+
+    handles = [model.drop.register_forward_hook(count("embedding"))] + [
+        layer.drop.register_forward_hook(count("sublayer")) for layer in [*model.encoder, *model.decoder]]
+    torch.manual_seed(seed)
+    T.pretrain_loss(model, batch_of(model, seed))
+    for h in handles:
+        h.remove()
+    return [(f"{kind} dropout", hits, trials, 0.1) for kind, (hits, trials) in seen.items()]
 
 
 PROPERTY_ROWS = [Rows(
@@ -68,29 +118,28 @@ PROPERTY_ROWS = [Rows(
     model=tiny,
     ids=ids,
     attention=attention_rows,
-    causal=lambda m, x: m(fixed_src(x.size(0)), x),  # decoder logits (B, T, V) for target input x
+    causal=lambda m, x: m(fixed_src(x.size(0)), x),  # decoder logits (B, T, V) for the target input x
     padded=lambda m, x, lengths: m.encode(x, torch.arange(x.size(1))[None] < lengths[:, None])[0],
-    loss=loss_of,
+    loss=lambda m, seed: T.pretrain_loss(m, batch_of(m, seed)),
+    rates=dropout_rates,
 )]
 
 
-# -----------------------------------------------------------------------------------------------------
-# Model
+# --- the model (section 3) ---------------------------------------------------------------------------
 
 
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 3), S=st.integers(1, 9), T_=st.integers(1, 9))
 @settings(max_examples=10)
-def test_attention_shapes_for_all_three_kinds(seed, B, S, T_):
+def test_attention_of_all_three_kinds(seed, B, S, T_):
     model = tiny(seed)
     src, tgt = ids(seed, B, S), ids(seed + 1, B, T_)
     src[0, S // 2 + 1:] = model.pad  # the first sentence has source padding
-    record(model)
-    model(src, tgt)
+    w = attention_weights(model, lambda: model(src, tgt))
     H = model.cfg.n_head
     for layer in model.encoder:
-        assert layer.self_attn.weights.shape == (B, H, S, S)
+        assert w[layer.self_attn].shape == (B, H, S, S)
     for layer in model.decoder:
-        self_w, cross_w = layer.self_attn.weights, layer.cross_attn.weights
+        self_w, cross_w = w[layer.self_attn], w[layer.cross_attn]
         assert self_w.shape == (B, H, T_, T_) and cross_w.shape == (B, H, T_, S)
         assert torch.allclose(self_w.sum(-1), torch.ones(())) and torch.allclose(cross_w.sum(-1), torch.ones(()))
         assert (self_w.triu(1) == 0).all()  # no position looks ahead
@@ -140,7 +189,8 @@ def copy_mha(ours: T.MultiHeadAttention, theirs: nn.MultiheadAttention):
 
 
 @torch.no_grad()
-def test_parity_with_torch_encoder_and_decoder_layers():
+def test_parity_with_torch_post_ln_encoder_and_decoder_layers():
+    """torch.nn's layers with norm_first=False are the paper's post-LN sublayers: same weights, same outputs."""
     model = tiny(3)
     for p in model.parameters():  # random biases and norms too, so a misplaced one shows
         p.add_(0.1 * torch.randn_like(p))
@@ -152,12 +202,11 @@ def test_parity_with_torch_encoder_and_decoder_layers():
     copy_mha(ours_enc.self_attn, enc.self_attn)
     copy_mha(ours_dec.self_attn, dec.self_attn)
     copy_mha(ours_dec.cross_attn, dec.multihead_attn)
-    for ours, theirs in ((ours_enc, enc), (ours_dec, dec)):
+    for ours, theirs, n in ((ours_enc, enc, 2), (ours_dec, dec, 3)):
         theirs.linear1.load_state_dict(ours.ff.w_1.state_dict())
         theirs.linear2.load_state_dict(ours.ff.w_2.state_dict())
-        subs = [ours.sub_1, ours.sub_2] + ([ours.sub_3] if ours is ours_dec else [])
-        for i, sub in enumerate(subs, 1):
-            getattr(theirs, f"norm{i}").load_state_dict(sub.norm.state_dict())
+        for i in range(1, n + 1):
+            getattr(theirs, f"norm{i}").load_state_dict(getattr(ours, f"norm_{i}").state_dict())
     x, y = torch.randn(2, 7, cfg.d_model), torch.randn(2, 5, cfg.d_model)
     real = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
     torch.testing.assert_close(ours_enc(x, real[:, None, None, :]), enc(x, src_key_padding_mask=~real),
@@ -171,8 +220,7 @@ def test_three_way_tying_shares_storage_and_gets_gradient_from_each_use():
     model = tiny(1).train()
     mats = [p for p in model.parameters() if p.shape == (V, model.cfg.d_model)]
     assert len(mats) == 1  # one matrix: source embedding, target embedding and pre-softmax linear
-    src, tgt = ids(1, 2, 6), ids(2, 2, 5)
-    batch = {"src": src, "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:]}
+    batch = batch_of(model, 1)
     torch.manual_seed(0)
     T.pretrain_loss(model, batch).backward()
     tied = model.embed.weight.grad.clone()
@@ -183,10 +231,11 @@ def test_three_way_tying_shares_storage_and_gets_gradient_from_each_use():
     try:
         torch.manual_seed(0)
         model.embed.weight = uses[0]
-        memory, mask = model.encode(src)
+        memory, mask = model.encode(batch["src"])
         model.embed.weight = uses[1]
         logits = model.decode(batch["tgt_in"], memory, mask) @ uses[2].T
-        T.label_smoothed_loss(logits, batch["tgt_out"], model.cfg.label_smoothing, model.pad).backward()
+        F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=model.pad,
+                        label_smoothing=0.1).backward()
     finally:
         model.embed.weight = nn.Parameter(W)
     for u in uses:
@@ -195,20 +244,20 @@ def test_three_way_tying_shares_storage_and_gets_gradient_from_each_use():
 
 
 def test_paper_preset_size():
-    model = T.build_model(dataclasses.replace(T.PRESETS["paper"], vocab_size=37000))
+    with torch.device("meta"):
+        model = T.build_model(dataclasses.replace(T.PRESETS["paper"], vocab_size=37000))
     assert sum(p.numel() for p in model.parameters()) == 63_082_496  # about 63M (Table 3: 65M)
 
 
-# -----------------------------------------------------------------------------------------------------
-# Objective and schedule
+# --- the objective and the schedule (section 5) ------------------------------------------------------
 
 
 @given(d_model=st.sampled_from([64, 256, 512, 1024]), warmup=st.integers(1, 5000))
 @settings(max_examples=15)
 def test_schedule_peaks_at_warmup_and_follows_eq_3(d_model, warmup):
     p = nn.Parameter(torch.zeros(2, 2))
-    opt = T.make_optimizer(nn.ParameterList([p]), d_model ** -0.5, 0.0, (0.9, 0.98), 1e-9, torch.device("cpu"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.noam_lambda(warmup))
+    opt = T.adamw(nn.ParameterList([p]), d_model ** -0.5, 0.0, (0.9, 0.98), 1e-9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.noam(warmup))
     rates = []
     for step in range(1, warmup + 30):
         rates.append(opt.param_groups[0]["lr"])  # the rate of update number `step`
@@ -221,28 +270,25 @@ def test_schedule_peaks_at_warmup_and_follows_eq_3(d_model, warmup):
 
 @given(n=st.integers(1, 20), vocab=st.integers(4, 50), eps=st.floats(0.0, 0.5), seed=st.integers(0, 2**16))
 @settings(max_examples=20)
-def test_label_smoothing_targets_and_loss_equal_direct_kl(n, vocab, eps, seed):
+def test_label_smoothed_loss_is_the_cross_entropy_against_smoothed_targets(n, vocab, eps, seed):
+    """q = (1 - eps) one_hot(y) + eps / V (Szegedy et al.), averaged over the targets that are not <pad> (the last
+    id), built here element by element."""
     g = torch.Generator().manual_seed(seed)
     pad = vocab - 1
     targets = torch.randint(0, vocab - 1, (1, n), generator=g)
     targets[0, 1::3] = pad  # some padding, ignored
-    q = T.smoothed_targets(targets, vocab, eps, pad)
-    keep = targets.flatten() != pad
-    torch.testing.assert_close(q[keep].sum(-1), torch.ones(int(keep.sum())))
-    assert (q[:, pad] == 0).all() and (q[~keep] == 0).all()
-    for i, y in enumerate(targets.flatten().tolist()):
-        if y != pad:
-            others = [k for k in range(vocab) if k not in (y, pad)]
-            assert torch.allclose(q[i, others], torch.tensor(eps / (vocab - 1)))
-            assert q[i, y].item() == pytest.approx(1 - eps + eps / (vocab - 1))
     logits = torch.randn(1, n, vocab, generator=g)
-    logp = logits[0].log_softmax(-1)[keep]
-    kl = (torch.xlogy(q[keep], q[keep]) - q[keep] * logp).sum() / keep.sum()
-    torch.testing.assert_close(T.label_smoothed_loss(logits, targets, eps, pad), kl, atol=1e-5, rtol=1e-5)
+    total, count = 0.0, 0
+    for i, y in enumerate(targets[0].tolist()):
+        if y != pad:
+            q = [(1 - eps) * (k == y) + eps / vocab for k in range(vocab)]
+            total -= sum(qk * lp for qk, lp in zip(q, logits[0, i].log_softmax(-1).tolist()))
+            count += 1
+    loss = T.pretrain_loss(lambda src, tgt_in: logits, {"src": None, "tgt_in": None, "tgt_out": targets}, eps)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5, abs=1e-6)
 
 
-# -----------------------------------------------------------------------------------------------------
-# Decoding
+# --- decoding (section 6.1) ---------------------------------------------------------------------------
 
 
 @given(seed=st.integers(0, 2**16))
@@ -253,22 +299,83 @@ def test_cached_incremental_decoding_equals_full_recomputation(seed):
     src[1, 4:] = model.pad
     full = model(src, tgt)
     memory, mask = model.encode(src)
-    cache = model.new_cache()
+    cache = new_cache(model)
     steps = [model.decode(tgt[:, t:t + 1], memory, mask, cache) @ model.embed.weight.T for t in range(7)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def log_probs(model, src, prefix):
+    """log p(next | <s> prefix) (V,) by a full pass without a cache; <s> and <pad> are never generated."""
+    logits = model(src, torch.tensor([[model.bos] + prefix]))[0, -1]
+    logits[[model.bos, model.pad]] = -math.inf
+    return logits.log_softmax(-1)
+
+
+@torch.no_grad()
+def greedy_reference(model, src, max_extra):
+    """Greedy search, one sentence (1, S) at a time, recomputing everything: the most probable token until </s>,
+    or until input length + max_extra tokens (the source's </s> counted in its length, as beam_search does)."""
+    tokens, steps = [], min(src.size(1) + max_extra, model.cfg.max_len)
+    while len(tokens) < steps - 1:
+        nxt = log_probs(model, src, tokens).argmax().item()
+        if nxt == model.eos:
+            break
+        tokens.append(nxt)
+    return tokens
+
+
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), S=st.integers(1, 8), max_extra=st.integers(0, 8),
+       cut=st.integers(1, 8), sharp=st.booleans())
+@settings(max_examples=25)
+def test_beam_of_one_is_greedy_search(seed, B, S, max_extra, cut, sharp):
+    """Why the separate greedy decoder could go: beam search with beam 1 picks the same tokens, for batches with
+    padding, any length limit, and models sure enough of </s> to stop early."""
+    model = tiny(seed, max_len=12)  # at times shorter than input + max_extra: the limit is clamped
+    if sharp:
+        with torch.no_grad():
+            model.embed.weight[model.eos] *= 4
+    src = ids(seed, B, S)
+    src[0, min(cut, S):] = model.pad
+    got = T.beam_search(model, src, beam=1, alpha=0.6, max_extra=max_extra)
+    want = [greedy_reference(model, row[row != model.pad][None], max_extra) for row in src]
+    assert got == want
+
+
+@given(seed=st.integers(0, 2**16), alpha=st.sampled_from([0.0, 0.6, 1.5]))
+@settings(max_examples=8)
+@torch.no_grad()
+def test_a_beam_wide_enough_finds_the_brute_force_best(seed, alpha):
+    """Three tokens, at most three before </s>: a beam of 40 holds all 40 hypotheses, so beam search returns the
+    one with the best log P / lp(|Y|) (|Y| counts </s>, forced after three tokens) over all of them."""
+    torch.manual_seed(seed)
+    model = T.build_model(dataclasses.replace(T.PRESETS["tiny"], vocab_size=6, d_model=16, d_ff=32, n_head=2,
+                                              dropout=0.0)).eval()
+    for p in model.parameters():
+        p.mul_(3)  # a sharper model: scores spread out
+    src = torch.tensor([[1, 2]])  # 2 tokens + 2 extra: steps = 4, the last forces </s>
+    best, best_hyp = -math.inf, None
+    for length in range(4):
+        for hyp in itertools.product(range(3), repeat=length):
+            score = sum(log_probs(model, src, list(hyp[:i]))[t].item() for i, t in enumerate(hyp))
+            score += log_probs(model, src, list(hyp))[model.eos].item()
+            if score / ((5 + length + 1) / 6) ** alpha > best:
+                best, best_hyp = score / ((5 + length + 1) / 6) ** alpha, list(hyp)
+    assert T.beam_search(model, src, beam=40, alpha=alpha, max_extra=2) == [best_hyp]
+
+
 @given(seed=st.integers(0, 2**16))
-@settings(max_examples=10)
-def test_beam_of_one_equals_greedy(seed):
-    model = tiny(seed)
+@settings(max_examples=8)
+def test_beam_search_of_a_padded_batch_equals_each_sentence_alone(seed):
+    model = tiny(seed, max_len=20)
+    lengths = [2, 6, 4]
     src = ids(seed, 3, 6)
-    src[2, 3:] = model.pad
-    assert T.beam_search(model, src, beam=1, alpha=0.6, max_extra=6) == T.greedy_decode(model, src, max_extra=6)
+    for b, n in enumerate(lengths):
+        src[b, n:] = model.pad
+    batched = T.beam_search(model, src, beam=3, alpha=0.6, max_extra=5)
+    assert batched == [T.beam_search(model, src[b:b + 1, :n], 3, 0.6, 5)[0] for b, n in enumerate(lengths)]
 
 
-# -----------------------------------------------------------------------------------------------------
-# BLEU against sacrebleu
+# --- BLEU against sacrebleu --------------------------------------------------------------------------
 
 
 def random_sentence(rng):
@@ -289,144 +396,314 @@ def test_bleu_agrees_with_sacrebleu_on_random_corpora(seed):
 
 def test_bleu_agrees_with_sacrebleu_on_multi30k(shared_data):
     import sacrebleu
-    refs = (shared_data / "multi30k" / "test_2016_flickr.en").read_text().splitlines()
-    hyps = (shared_data / "multi30k" / "tok" / "test_2016_flickr.lc.norm.tok.en").read_text().splitlines()
+    refs = (shared_data / "multi30k" / "test_2016_flickr.en").read_text().split("\n")[:-1]
+    hyps = (shared_data / "multi30k" / "tok" / "test_2016_flickr.lc.norm.tok.en").read_text().split("\n")[:-1]
     hyps = [h if i % 3 else h.capitalize() for i, h in enumerate(hyps)]  # some lines nearly right
     ours, theirs = T.corpus_bleu(hyps, refs), sacrebleu.corpus_bleu(hyps, [refs]).score
     assert abs(ours - theirs) < 0.01 and 10 < theirs < 100, (ours, theirs)
 
 
-# -----------------------------------------------------------------------------------------------------
-# Data
+# --- data (section 5.1) --------------------------------------------------------------------------------
+
+
+def random_pairs(seed, n=60):
+    """Pairs whose source tokens are their index: a batch shows which pairs it holds."""
+    rng = random.Random(seed)
+    return [{"src": [i] * rng.randint(1, 15), "tgt": [2] * rng.randint(2, 15)} for i in range(n)]
 
 
 @given(seed=st.integers(0, 2**16), budget=st.integers(20, 200), world=st.integers(1, 3))
 @settings(max_examples=10)
-def test_token_batches_respect_the_budget_and_cover_every_pair_once(seed, budget, world):
-    rng = random.Random(seed)
-    pairs = [([1] * rng.randint(1, 15), [2] * rng.randint(2, 15)) for _ in range(60)]
-    sampler = T.TokenBatches(pairs, budget, 0, seed)
-    seen = sorted(i for b in sampler.batches for i in b)
-    assert seen == list(range(60))
-    for b in sampler.batches:
-        assert len(b) == 1 or len(b) * (max(len(pairs[i][0]) for i in b) + max(len(pairs[i][1]) for i in b)) <= budget
-    ranks = [T.TokenBatches(pairs, budget, 0, seed, r, world) for r in range(world)]
-    if ranks[0].per_epoch:
-        per_rank = [[next(s)["src"].shape for _ in range(ranks[0].per_epoch)] for s in ranks]
-        assert len({len(p) for p in per_rank}) == 1
+def test_token_batches_respect_the_budget_and_ranks_share_them(seed, budget, world):
+    pairs = random_pairs(seed)
+    batches = T.token_batches(pairs, budget, seed)
+    assert sorted(i for b in batches for i in b) == list(range(60))  # every pair once
+    for b in batches:
+        S, T_ = max(len(pairs[i]["src"]) for i in b), max(len(pairs[i]["tgt"]) for i in b)
+        assert len(b) == 1 or len(b) * (S + T_) <= budget
+    drawn = []
+    try:
+        for rank in range(world):  # each rank draws an epoch of its own batches, as many as the others
+            T.RANK, T.WORLD = rank, world
+            if len(batches) < world:
+                with pytest.raises(T.UserError, match="cannot feed"):
+                    T.TokenBatches(pairs, budget, V - 1, seed)
+                return
+            sampler = T.TokenBatches(pairs, budget, V - 1, seed)
+            drawn.append({row[0].item() for _ in range(sampler.per_epoch) for row in next(sampler)["src"]})
+    finally:
+        T.RANK, T.WORLD = 0, 1
+    assert sum(len(d) for d in drawn) == len(set().union(*drawn))  # no pair on two ranks in one epoch
+
+
+@given(seed=st.integers(0, 2**16), k=st.integers(0, 40))
+@settings(max_examples=10)
+def test_token_batches_resume_at_any_position_mid_epoch(seed, k):
+    """The checkpoint keeps `position` only: a sampler set to k draws what an uninterrupted one draws after k,
+    across epoch boundaries too (a new order each epoch)."""
+    pairs = random_pairs(seed)
+    whole = T.TokenBatches(pairs, 60, 0, seed)
+    first = [next(whole) for _ in range(k + 10)]
+    resumed = T.TokenBatches(pairs, 60, 0, seed)
+    resumed.position = k
+    for a in first[k:]:
+        b = next(resumed)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    epochs = [[next(whole)["src"].shape for _ in range(whole.per_epoch)] for _ in range(2)]
+    assert epochs[0] != epochs[1] or whole.per_epoch < 3  # each epoch shuffles the batches anew
+
+
+def test_a_parallel_corpus_splits_at_newlines_only(tmp_path):
+    """U+2028 and NEL inside a sentence stay in it; \\r\\n ends a line; one final newline ends the last line."""
+    (tmp_path / "train.de").write_text("ein\u2028satz\r\nzwei\u0085zwei\r\ndrei\r\n", newline="")
+    (tmp_path / "train.en").write_text("one sentence\ntwo\ntrailing blank line follows\n\n")
+    (tmp_path / "val.de").write_text("a\nb\nc")
+    (tmp_path / "val.en").write_text("a\nb\nc\n")
+    split = T.read_parallel(tmp_path, "val", "de", "en")
+    assert split == {"src": ["a", "b", "c"], "tgt": ["a", "b", "c"]}
+    with pytest.raises(T.UserError, match="has 3 lines but .* has 4"):
+        T.read_parallel(tmp_path, "train", "de", "en")
+    (tmp_path / "train.en").write_text("one sentence\ntwo\nthree\n")
+    split = T.read_parallel(tmp_path, "train", "de", "en")
+    assert split["src"] == ["ein\u2028satz", "zwei\u0085zwei", "drei"] and len(split["tgt"]) == 3
 
 
 def test_multi30k_folder_loads(shared_data):
-    cfg = dataclasses.replace(T.PRESETS["tiny"], data=str(shared_data / "multi30k"))
-    name, splits = T.load_parallel(cfg)
-    assert [len(splits[s][0]) for s in ("train", "val", "test")] == [29000, 1014, 1000]
-    assert splits["train"][1][0].startswith("Two young, White males")
+    name, splits = T.load_parallel(dataclasses.replace(T.PRESETS["tiny"], data=str(shared_data / "multi30k")))
+    assert [len(splits[s]["src"]) for s in ("train", "val", "test")] == [29000, 1014, 1000]
+    assert all(len(splits[s]["src"]) == len(splits[s]["tgt"]) for s in splits)
+    assert splits["train"]["tgt"][0].startswith("Two young, White males")
 
 
-# -----------------------------------------------------------------------------------------------------
-# Training, resume, averaging, translation and the command line
+def test_multi30k_by_name_from_its_pinned_gzipped_files(tmp_path, monkeypatch, shared_data):
+    """--data multi30k downloads the published .gz files once, checks their sha256 and unpacks them; here they are
+    served from file:// (gzipped copies of ../shared/data, with their own sha256s)."""
+    monkeypatch.setenv("NLP_LINEAGE_CACHE", str(tmp_path / "cache"))
+    files = {}
+    for name in T.DATASETS["multi30k"]:
+        data = gzip.compress((shared_data / "multi30k" / name[:-3]).read_bytes(), mtime=0)
+        (tmp_path / name).write_bytes(data)
+        files[name] = ((tmp_path / name).as_uri(), hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(T, "DATASETS", {"multi30k": files})
+    name, splits = T.load_parallel(T.PRESETS["tiny"])
+    assert [len(splits[s]["tgt"]) for s in ("train", "val", "test")] == [29000, 1014, 1000]
+    assert (tmp_path / "cache" / "multi30k" / "val.de").read_bytes() == (shared_data / "multi30k" / "val.de").read_bytes()
 
 
-BASE = ["--preset", "tiny", "--data", "builtin", "--device", "cpu", "--dtype", "float32", "--beam_size", "1",
-        "--max_extra_len", "4"]
+def test_the_tiny_preset_on_real_multi30k_names_the_max_len_that_fits(shared_data, tmp_path, capsys):
+    err = error_of(["train", "--preset", "tiny", "--data", str(shared_data / "multi30k"), *FP32,
+                    "--out_dir", str(tmp_path)], capsys)
+    assert "more than --max_len 64; pass --max_len" in err
+    fits = int(err.split("pass --max_len ")[1].split()[0])
+    longest = int(err.split(" has ")[1].split()[0])
+    assert 64 < longest <= fits and not (tmp_path / "ckpt.pt").exists()
 
+
+def test_a_pair_longer_than_max_len_names_one_that_fits_and_that_one_works(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "val"):
+        (corpus / f"{split}.de").write_text("1 2 3\n" + "4 " * 70 + "\n")
+        (corpus / f"{split}.en").write_text("a b c\nd e\n")
+    argv = ["train", *BASE[:2], "--data", str(corpus), *FP32, "--max_steps", "1"]
+    err = error_of([*argv, "--out_dir", str(tmp_path / "a")], capsys)
+    assert "val line 2 has" in err and "more than --max_len 64; pass --max_len 128" in err
+    out = T.main([*argv, "--out_dir", str(tmp_path / "b"), "--max_len", "128", "--max_extra_len", "2"])
+    assert out["step"] == 1 and "no test.de: the test BLEU is measured on the validation" in capsys.readouterr().out
+
+
+# --- training, kept copies, averaging, translation ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run of 6 steps, evaluated every 2, that keeps copies of its last 2 evaluations."""
+    out = tmp_path_factory.mktemp("trained")
+    T.main(["train", *BASE, "--total_steps", "6", "--eval_interval", "2", "--keep_checkpoints", "2",
+            "--out_dir", str(out)])
+    return out
+
+
+def test_kept_copies_are_complete_checkpoints_of_the_last_evaluations(trained):
+    assert sorted(p.name for p in trained.glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000006.pt"]
+    assert not list(trained.glob(".*.tmp"))
+    final = torch.load(trained / "ckpt.pt", weights_only=False)
+    for step in (4, 6):
+        kept = T.load_checkpoint(trained / f"ckpt_{step:07d}.pt", ("train",))
+        assert kept["step"] == step and kept["config"] == final["config"] and kept["tokenizer"] == final["tokenizer"]
+        model, tok, cfg = T.load_trained(T.PRESETS["tiny"], kept)  # loads: what translate and average need
+        assert model.state_dict().keys() == final["model"].keys()
+    kept = torch.load(trained / "ckpt_0000006.pt", weights_only=False)
+    assert all(torch.equal(kept["model"][k], final["model"][k]) for k in kept["model"])  # the same weights
+
+
+def test_average_of_a_folder_or_a_list_is_the_mean(trained, tmp_path, capsys):
+    states = [torch.load(trained / f"ckpt_{s:07d}.pt", weights_only=False)["model"] for s in (4, 6)]
+    T.main(["average", "--init_from", str(trained), "--out_dir", str(tmp_path / "folder")])
+    T.main(["average", "--init_from", f"{trained}/ckpt_0000004.pt,{trained}/ckpt_0000006.pt",
+            "--out_dir", str(tmp_path / "list")])
+    for out in ("folder", "list"):
+        avg = T.load_checkpoint(tmp_path / out / "ckpt.pt", ("average",))
+        assert avg["step"] == 6 and len(avg["averaged"]) == 2
+        for k, v in avg["model"].items():
+            torch.testing.assert_close(v, (states[0][k] + states[1][k]) / 2)
+    T.main(["average", "--init_from", str(trained), "--average_last", "1", "--out_dir", str(tmp_path / "last")])
+    last = torch.load(tmp_path / "last" / "ckpt.pt", weights_only=False)
+    assert last["averaged"] == [str(trained / "ckpt_0000006.pt")]
+    assert all(torch.equal(last["model"][k], states[1][k]) for k in last["model"])
+    assert "is a training checkpoint" in error_of(["average", "--init_from", str(trained), "--out_dir", str(trained)],
+                                                  capsys)
+
+
+def test_average_refuses_checkpoints_of_other_models(trained, tmp_path, capsys):
+    T.main(["train", *BASE, "--max_steps", "1", "--d_model", "32", "--out_dir", str(tmp_path / "other")])
+    err = error_of(["average", "--init_from", f"{trained}/ckpt.pt,{tmp_path}/other/ckpt.pt", "--out_dir",
+                    str(tmp_path / "avg")], capsys)
+    assert "is another model" in err and not (tmp_path / "avg").exists()
+    (tmp_path / "empty").mkdir()
+    assert "holds no kept copies" in error_of(["average", "--init_from", str(tmp_path / "empty")], capsys)
+
+
+def test_a_kept_copy_is_written_atomically(tmp_path, capsys, monkeypatch):
+    """Interrupted while its kept copy is being written, a run leaves no ckpt_STEP.pt (a broken piece of one was
+    what a plain copy left behind), only the temporary file."""
+    real = torch.save
+
+    def save(obj, f, *args, **kw):
+        if "ckpt_" in getattr(f, "name", ""):
+            f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return real(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        T.main(["train", *BASE, "--total_steps", "2", "--eval_interval", "2", "--keep_checkpoints", "2",
+                "--out_dir", str(tmp_path)])
+    assert e.value.code == 130
+    assert not list(tmp_path.glob("ckpt_*.pt")) and list(tmp_path.glob(".ckpt_0000002.pt.tmp"))
+
+
+def test_translate_reads_standard_input_at_newlines_only(trained, monkeypatch, capsys):
+    model, tok, cfg = T.load_trained(dataclasses.replace(T.PRESETS["tiny"], init_from=str(trained / "ckpt.pt")))
+    lines = ["1 2 3", "4\u2028 5", "", "6 7 8 9"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\r\n".join(lines) + "\r\n"))
+    capsys.readouterr()
+    out = T.main(["translate", "--preset", "tiny", "--init_from", str(trained / "ckpt.pt"), *FP32,
+                  "--beam_size", "2"])
+    assert len(out) == 4 and capsys.readouterr().out == "\n".join(out) + "\n"
+    assert out == T.translate_lines(model, tok, lines, dataclasses.replace(cfg, beam_size=2), torch.device("cpu"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert T.main(["translate", "--init_from", str(trained / "ckpt.pt"), *FP32]) == []
+    assert capsys.readouterr().out == ""
+
+
+def test_main_job_runs_as_a_script(tmp_path):
+    """One real subprocess: the main job on the built-in data, end to end."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NLP_LINEAGE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, str(ROOT / "transformer.py"), *BASE, "--max_steps", "3",
+                        "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "SYNTHETIC copy task" in r.stdout and "test BLEU" in r.stdout and "translated" in r.stdout
+    records = [json.loads(line) for line in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in records][-2:] == ["val", "test"] and "bleu" in records[-1]
+    assert (tmp_path / "out" / "train" / "ckpt.pt").is_file()
+
+
+def test_bfloat16_autocast_trains_and_translates(tmp_path):
+    out = T.main(["train", *BASE, "--dtype", "bfloat16", "--total_steps", "4", "--eval_interval", "2",
+                  "--keep_checkpoints", "1", "--out_dir", str(tmp_path)])
+    assert math.isfinite(out["loss"]) and math.isfinite(out["test_loss"]) and 0 <= out["bleu"] <= 100
+    for name in ("ckpt.pt", "ckpt_0000004.pt"):  # master weights stay fp32, in the kept copy too
+        assert all(v.dtype == torch.float32 for v in torch.load(tmp_path / name, weights_only=False)["model"].values())
 
 
 @pytest.mark.slow
-def test_tiny_preset_learns_the_copy_task_exactly(tmp_path):
-    metrics = T.main(["train", *BASE, "--beam_size", "2", "--out_dir", str(tmp_path), "--keep_checkpoints", "0"])
-    exact = sum(h == r for _, h, r in metrics["translations"]) / len(metrics["translations"])
-    assert exact == 1.0 and metrics["bleu"] == pytest.approx(100.0)
+def test_the_tiny_preset_learns_the_copy_task_exactly(tmp_path):
+    metrics = T.main(["train", "--preset", "tiny", "--data", "builtin", *FP32, "--out_dir", str(tmp_path)])
+    assert metrics["bleu"] == pytest.approx(100.0)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    args = ["train", *BASE, "--total_steps", "8", "--eval_interval", "4", "--warmup_steps", "4"]
-    whole = T.main(args + ["--out_dir", str(tmp_path / "a")])
-    T.main(args + ["--out_dir", str(tmp_path / "b"), "--max_steps", "4"])
-    resumed = T.main(args + ["--out_dir", str(tmp_path / "b"), "--resume"])
-    assert resumed["step"] == whole["step"] == 8
-    assert resumed["loss"] == whole["loss"]
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in "ab")
+def _ddp_worker(rank, world, out_dir, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    T.RANK, T.WORLD = rank, world  # read from the environment at import, before this worker set it
+    models, real_build = [], T.build_model
+    T.build_model = lambda cfg: models.append(real_build(cfg)) or models[-1]
+    T.main(["train", *BASE, "--total_steps", "4", "--eval_interval", "2", "--keep_checkpoints", "2",
+            "--grad_accum", "2", "--out_dir", out_dir])
+    torch.save(models[0].state_dict(), f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(p.name for p in (tmp_path / "a").glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000008.pt"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["data"]) == 2 and ckpt["data"][0]["position"] == 8
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
 
 
-def test_average_checkpoints_and_translate(tmp_path, monkeypatch, capsys):
-    T.main(["train", *BASE, "--total_steps", "4", "--eval_interval", "2", "--out_dir", str(tmp_path / "t")])
-    paths = sorted(str(p) for p in (tmp_path / "t").glob("ckpt_*.pt"))
-    assert len(paths) == 2
-    T.main(["average", *paths, "--out_dir", str(tmp_path / "avg")])
-    with pytest.raises(SystemExit):  # never over a training checkpoint
-        T.main(["average", *paths, "--out_dir", str(tmp_path / "t")])
-    assert "is a training checkpoint" in capsys.readouterr().err
-    states = [torch.load(p, weights_only=False)["model"] for p in paths]
-    avg = torch.load(tmp_path / "avg" / "ckpt.pt", weights_only=False)["model"]
-    for k in avg:
-        torch.testing.assert_close(avg[k], (states[0][k] + states[1][k]) / 2)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("1 2 3\n4 5 6 7 8 9 0 1\n"))
-    capsys.readouterr()
-    out = T.main(["translate", "--init_from", str(tmp_path / "avg" / "ckpt.pt"), "--device", "cpu"])
-    assert len(out) == 2 and capsys.readouterr().out.splitlines() == out
+# --- errors particular to transformer.py ---------------------------------------------------------------
 
 
-def test_script_runs_as_a_subprocess(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(ROOT / "transformer.py"), *BASE, "--max_steps", "3",
-                        "--out_dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "SYNTHETIC copy task" in r.stdout and "test BLEU" in r.stdout and "translated" in r.stdout
-    assert (tmp_path / "train" / "ckpt.pt").is_file() and (tmp_path / "train" / "metrics.jsonl").is_file()
-
-
-def error_of(argv, capsys) -> str:
+def error_of(argv, capsys):
     with pytest.raises(SystemExit) as e:
         T.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
 
 
-def test_errors_from_the_command_line(tmp_path, capsys):
-    assert "unknown dataset" in error_of(["train", "--data", "nonsense"], capsys)
-    assert "invalid choice" in error_of(["--preset", "huge"], capsys)
-    assert "must divide" in error_of(["train", "--n_head", "3"], capsys)
-    assert "--dropout" in error_of(["train", "--dropout", "1.0"], capsys)
-    assert "--d_model must be positive" in error_of(["train", "--d_model", "0"], capsys)
+@pytest.mark.parametrize("args,message", [
+    (["--n_head", "3"], "must divide"),
+    (["--d_model", "15", "--n_head", "5"], "must be even"),
+    (["--dropout", "1.0"], "--dropout"),
+    (["--label_smoothing", "1.0"], "--label_smoothing"),
+    (["--beta2", "1.0"], "--beta2"),
+    (["--d_model", "0"], "--d_model must be positive"),
+    (["--warmup_steps", "0"], "--warmup_steps must be positive"),
+    (["--beam_size", "0"], "--beam_size must be positive"),
+    (["--average_last", "0"], "--average_last must be positive"),
+    (["--keep_checkpoints", "-1"], "--keep_checkpoints must not be negative"),
+    (["--bpe_vocab_size", "258"], "at least 259"),
+    (["--vocab_size", "10"], "is not the vocabulary's"),
+])
+def test_bad_flags(args, message, capsys, tmp_path):
+    assert message in error_of(["train", *BASE, "--out_dir", str(tmp_path), *args], capsys)
+
+
+def test_bad_inputs(trained, tmp_path, capsys, monkeypatch):
     assert "translate needs --init_from" in error_of(["translate"], capsys)
-    assert "average needs checkpoint paths" in error_of(["average"], capsys)
+    assert "average needs --init_from" in error_of(["average"], capsys)
     assert "does not exist" in error_of(["translate", "--init_from", str(tmp_path / "none.pt")], capsys)
+    assert "does not exist" in error_of(["average", "--init_from", f"{trained}/ckpt.pt,{tmp_path}/none.pt"], capsys)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "train.de").write_text("a\nb\n")
+    train = ["train", *BASE[:2], *FP32, "--data", str(corpus), "--out_dir", str(tmp_path / "o")]
+    assert "does not exist" in error_of(train, capsys)
+    for split, text in (("train", "a\nb\n"), ("val", "a\n")):
+        (corpus / f"{split}.de").write_text(text)
+        (corpus / f"{split}.en").write_text(text)
     (corpus / "train.en").write_text("a\n")
-    (corpus / "val.de").write_text("a\n")
-    (corpus / "val.en").write_text("a\n")
-    assert "has 2 lines but" in error_of(["train", "--data", str(corpus)], capsys)
-    (corpus / "train.en").write_text("")
-    assert "is empty" in error_of(["train", "--data", str(corpus)], capsys)
+    assert "has 2 lines but" in error_of(train, capsys)
+    (corpus / "train.en").write_text(" \n")
+    assert "is empty" in error_of(train, capsys)
     (corpus / "train.en").write_bytes(b"\xff\xfe\n\x80\n")
-    assert "not UTF-8" in error_of(["train", "--data", str(corpus)], capsys)
-    (corpus / "train.en").write_text("a b\n" + "x " * 100 + "\n")
-    assert "more than --max_len" in error_of(["train", *BASE[:2], "--data", str(corpus)], capsys)
-    nan = error_of(["train", *BASE, "--lr_factor", "1e30", "--warmup_steps", "1", "--out_dir", str(tmp_path / "n")],
-                   capsys)
-    assert "loss became nan at step" in nan and "no checkpoint was written yet" in nan
-    not_a_ckpt = tmp_path / "bad.pt"
-    not_a_ckpt.write_text("hello")
-    assert "not a readable checkpoint" in error_of(["translate", "--init_from", str(not_a_ckpt)], capsys)
-
-
-def test_checkpoint_from_a_different_model_is_refused(tmp_path, capsys, monkeypatch):
-    T.main(["train", *BASE, "--max_steps", "1", "--out_dir", str(tmp_path)])
-    assert "d_model" in error_of(["train", *BASE, "--d_model", "32", "--out_dir", str(tmp_path), "--resume"], capsys)
-    gpt_like = tmp_path / "gpt.pt"
-    torch.save({"script": "gpt.py", "config": {}, "model": {}}, gpt_like)
-    assert "not transformer.py" in error_of(["translate", "--init_from", str(gpt_like)], capsys)
-    other = tmp_path / "other"
-    T.main(["train", *BASE, "--max_steps", "1", "--d_model", "32", "--out_dir", str(other)])
-    assert "d_model" in error_of(["average", str(tmp_path / "ckpt.pt"), str(other / "ckpt.pt"),
-                                  "--out_dir", str(tmp_path / "avg")], capsys)
+    assert "not UTF-8" in error_of(train, capsys)
+    (tmp_path / "pairs.tsv").write_text("ein satz\ta sentence\n")
+    assert "is a file, not a folder with train.de" in error_of([*train, "--data", str(tmp_path / "pairs.tsv")], capsys)
+    assert "unknown dataset 'wmt14'" in error_of([*train, "--data", "wmt14"], capsys)
     monkeypatch.setattr(sys, "stdin", io.StringIO("1 " * 80 + "\n"))
-    assert "more than the model's max_len" in error_of(["translate", "--init_from", str(tmp_path / "ckpt.pt")],
-                                                       capsys)
+    assert "more than --max_len 64" in error_of(
+        ["translate", "--preset", "tiny", "--init_from", str(trained / "ckpt.pt"), *FP32], capsys)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\n"), encoding="utf-8"))
+    assert "standard input is not UTF-8" in error_of(["translate", "--init_from", str(trained / "ckpt.pt")], capsys)
+    other = tmp_path / "gpt.pt"
+    torch.save({"script": "gpt.py", "stage": "pretrain", "config": {}, "model": {}}, other)
+    assert "written by gpt.py" in error_of(["translate", "--init_from", str(other)], capsys)
