@@ -1,78 +1,36 @@
 """ELMo: deep contextualized word representations from a character-based bidirectional language model.
 
-Paper: Matthew E. Peters, Mark Neumann, Mohit Iyyer, Matt Gardner, Christopher Clark, Kenton Lee, Luke
-Zettlemoyer, "Deep contextualized word representations", NAACL 2018, arXiv:1802.05365. The released model
-and its training code are allenai/bilm-tf; AllenNLP's modules/elmo.py loads the released weights.
+Paper: Matthew E. Peters, Mark Neumann, Mohit Iyyer, Matt Gardner, Christopher Clark, Kenton Lee, Luke Zettlemoyer,
+"Deep contextualized word representations", NAACL 2018, arXiv:1802.05365. Official code: allenai/bilm-tf (training and
+the released weights); AllenNLP's modules/elmo.py loads those weights.
 
-What this file reproduces
-  - Character input as the released ELMo: a token is its UTF-8 bytes (at most 48) between begin- and
-    end-of-word ids, padded to 50; `<S>`/`</S>` have their own ids; every id is shifted by +1 so that 0 is
-    padding (262 rows in the character table); a padding token is all zeros.
-  - Section 3.1, the biLM as bilm-tf builds it: a character CNN (16-d characters, widths 1-7 with
-    32..1024 filters, max over positions, ReLU), 2 highway layers, a linear projection to 512; per direction
-    2 LSTM layers of 4096 cells projected to 512, the cell clipped to [-3, 3] before the output tanh and the
-    projection clipped to [-3, 3], a residual connection around the second layer; separate forward and
-    backward stacks sharing the token representation and the softmax. The objective is the mean of the
-    forward and backward LM losses (eq. 3), full softmax or sampled softmax with a log-uniform sampler.
-  - Stateful pretraining as the original: sentences `<S> w1 .. wn </S>` packed into one stream (the
-    backward LM reads the reversed stream), windows of 20 tokens, the LSTM state carried from batch to batch
-    per row with truncated BPTT; `reset_states()`. Embedding sentences is stateless by default.
-  - Sections 3.2-3.3: ELMo_k = gamma * sum_j s_j h_kj with s = softmax(w) (eq. 1), optional batch-wide
-    layer normalisation, dropout, an L2 penalty on w, several independent mixes from one biLM pass; the biLM
-    frozen and ELMo concatenated to a task model's input (and optionally its output).
-  - The released weights: `--init_from allennlp:OPTIONS_JSON,WEIGHTS_HDF5` (needs h5py), checked against
-    TensorFlow's outputs for AllenNLP's test model (largest difference 1e-6; tests/test_elmo.py).
+What this file reproduces: section 3.1's biLM as bilm-tf builds it (the released model's character ids, a character
+CNN, highways and a projection into a forward and a backward stack of clipped, projected LSTMs with one shared softmax,
+sampled in training) and trains it (eq. 3 on packed sentence streams, the LSTM state carried between batches in the data
+position, so that --resume is exact; Adagrad: bilm_tf_adagrad); sections 3.2-3.3's ELMo (eq. 1, layer normalisation,
+lambda ||w||^2) in a task model over the frozen biLM; the released weights (`--init_from allennlp:OPTIONS,WEIGHTS`).
 
-Implementation notes (exact, for speed or numerics): the character CNN runs once per distinct token of a
-batch; the clipped cell is a per-timestep loop (nn.LSTM cannot clip) with the input half of every gate
-computed for the whole window at once, about 0.7x the speed of nn.LSTM(proj_size) of the same size
-(bench/RESULTS.md); the recurrence and the softmax stay in fp32 under autocast. Under DDP each rank
-carries its own LSTM state; checkpoints keep rank 0's, so a multi-rank resume restarts the others' from it.
-
-Run it
-  python elmo.py                                   # main job: small biLM on wikitext2, then SST-2 with and
-                                                   # without ELMo (offline: built-in text and a synthetic task)
+Run it (`--help` lists every field by stage; `task` uses the task_* fields, Adam and AllenNLP's gradient clip of 5)
+  python elmo.py                # main job: small biLM on wikitext2, SST-2 with and without ELMo (offline: built-in)
   python elmo.py pretrain --data wikitext2 --out_dir out/bilm
-  python elmo.py task --init_from out/bilm/ckpt.pt --task_data sst2 --out_dir out/sst2
-  python elmo.py task --no-use_elmo --out_dir out/sst2-baseline   # the same classifier without ELMo
-  python elmo.py embed --init_from allennlp:options.json,lm_weights.hdf5 --embed_file sents.txt
-  torchrun --nproc_per_node=2 elmo.py pretrain ...   # data parallel
+  python elmo.py task --init_from out/bilm/ckpt.pt --task_data sst2 --out_dir out/sst2   # --no-use_elmo: baseline
+  python elmo.py embed --init_from allennlp:options.json,weights.hdf5 --embed_file sents.txt   # out_dir/elmo.hdf5
+  torchrun --nproc_per_node=2 elmo.py pretrain ...  # data parallel; each rank carries the state of its own rows
 
-Stages and their hyperparameters: `pretrain` uses the plain fields (bilm-tf's train_elmo.py: Adagrad lr
-0.2, batch 128, 20 unrolled steps, dropout 0.1); `task` uses the `task_*` fields; `embed` writes one array
-(3, n_tokens, 2 * proj_dim) per line of --embed_file into out_dir/elmo.hdf5 (elmo.npz without h5py).
-
-Deliberate deviations from the paper and from bilm-tf
-  - bilm-tf differentiates loss * unroll_steps, clips that gradient at global norm 10 and runs Adagrad
-    with initial accumulator 1. We differentiate the mean loss with the accumulator started at 1/20^2 and
-    the clip at 10/20: the same updates, since k g / sqrt(1 + k^2 sum g^2) = g / sqrt(1/k^2 + sum g^2).
-  - Sampled softmax draws its negatives with replacement (TensorFlow draws unique ones), with the usual
-    log Q correction and accidental hits removed. Evaluation always uses the full softmax.
-  - The backward LM reads the reversed training stream in the same row layout as the forward LM (bilm-tf
-    shuffles the two streams independently). Lines of the corpus are its sentences.
-  - Data: the 1B Word Benchmark is too large for this script's purpose; the default is WikiText-2 and,
-    offline, the Python documentation (pydoc_data). Smaller presets shrink every width.
-  - Downstream: a BiLSTM classifier with max pooling on SST-2 with randomly initialised word vectors (the
-    paper's SST-5 model is a BCN with GloVe); the classifier without ELMo is the baseline.
+Deviations: negatives drawn with replacement (TensorFlow: unique ones); the backward LM reads the reversed stream in the
+forward LM's rows (bilm-tf shuffles the two apart); WikiText-2 (offline: Python's docs) for the 1B Word Benchmark; the
+task: a BiLSTM on SST-2 (the paper's SST-5 model is a BCN with GloVe). Left out: the cosine schedule (bilm-tf's Adagrad
+runs at a constant rate); embed's npz output (hdf5 is what AllenNLP's `elmo` command writes and ELMo users read; the
+released weights need h5py anyway); --beta1/2, --weight_decay, --adagrad_init; --init_from a task checkpoint's biLM.
 """
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import contextlib
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import random
-import sys
-import time
-import urllib.request
+import argparse, atexit, contextlib, dataclasses, functools, hashlib, importlib.util, inspect, json, math, os, random
+import re, signal, sys, threading, time, typing, urllib.request
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -84,43 +42,34 @@ from einops import rearrange
 # -----------------------------------------------------------------------------------------------------
 # Config
 
-
-@dataclass
+@dataclasses.dataclass
 class Config:
-    # character CNN (section 3.1; bilm-tf bin/train_elmo.py)
+    # model (section 3.1; bilm-tf's bin/train_elmo.py)
     char_embed_dim: int = 16
-    filters: str = "1x32,2x32,3x64,4x128,5x256,6x512,7x1024"  # width x count per convolution
+    filters: str = "1x32,2x32,3x64,4x128,5x256,6x512,7x1024"  # width x count of each character convolution
     n_highway: int = 2
-    # biLSTM (section 3.1: "2 biLSTM layers with 4096 units and 512 dimension projections")
-    n_layers: int = 2
+    n_layer: int = 2  # LSTM layers per direction
     lstm_dim: int = 4096  # memory cells per layer and direction
-    proj_dim: int = 512  # projected output; also the token representation's width
+    proj_dim: int = 512  # the LSTMs' projected outputs; also the token representation's width
     cell_clip: float = 3.0
     proj_clip: float = 3.0
-    residual: bool = True  # residual connection around every layer but the first (use_skip_connections)
-    vocab_size: int = 0  # softmax words incl. <S> </S> <UNK>; 0 = every training word (1B Word: 793,471)
-    n_negative: int = 8192  # sampled softmax negatives per batch; 0 = full softmax
-    dropout: float = 0.1  # on every LSTM layer's input and on the top layer before the softmax
-    # data
-    data: str = "wikitext2"  # wikitext2 | builtin | a text file | a folder with train.txt and valid.txt
-    # pretraining (bilm-tf): Adagrad lr 0.2, batch 128 per GPU x 3 GPUs, 20 unrolled steps, 10 epochs
-    batch_size: int = 128
-    unroll_steps: int = 20
-    grad_accum: int = 1
+    residual: bool = True  # a residual connection around every layer but the first (use_skip_connections)
+    vocab_size: int = 0  # softmax words with <S> </S> <UNK>; 0: every training word (1B Word: 793,471)
+    n_negative: int = 8192  # sampled softmax negatives per batch; 0: full softmax
+    dropout: float = 0.1  # on every LSTM layer's input and on the top layer's output
+    # pretrain (bilm-tf: Adagrad lr 0.2, 3 GPUs x 128 rows x 20 unrolled steps, 10 epochs)
+    data: str = "wikitext2"  # wikitext2, builtin, or a text file or folder (train.txt and valid.txt)
+    batch_size: int = 128  # rows of the packed stream
+    unroll_steps: int = 20  # tokens of each row per batch (truncated BPTT)
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 0.2
-    adagrad_init: float = 1 / 400  # initial Adagrad accumulator (bilm-tf's 1.0 for the loss times 20)
-    schedule: str = "constant"  # constant (bilm-tf) | cosine (to min_lr)
-    min_lr: float = 0.0
+    grad_clip: float = 10.0  # global norm, for the gradient of the loss x unroll_steps (bilm-tf's all_clip_norm_val)
     total_steps: int = 1_000_845  # 10 epochs of 768,648,884 tokens in batches of 3 x 128 x 20
-    weight_decay: float = 0.0
-    beta1: float = 0.9  # Adam (the task model)
-    beta2: float = 0.999
-    grad_clip: float = 0.5  # global norm (bilm-tf's 10 for the loss times 20)
-    # ELMo and the downstream task (sections 3.2-3.3)
-    task_data: str = "sst2"  # sst2 | builtin | a folder with train.tsv and dev.tsv
+    # task (sections 3.2-3.3)
+    task_data: str = "sst2"  # sst2, builtin, or a folder with train.tsv and dev.tsv
     use_elmo: bool = True  # --no-use_elmo: the same classifier without ELMo (the baseline)
     elmo_output: bool = False  # also concatenate a second mix to the task biLSTM's output
-    layer_norm: bool = False  # normalise each biLM layer before mixing (bilm-tf do_layer_norm)
+    layer_norm: bool = False  # normalise each biLM layer before mixing (bilm-tf's do_layer_norm)
     l2_coef: float = 0.001  # lambda ||w||^2 on the mix weights
     task_dropout: float = 0.5  # on the ELMo vectors (AllenNLP's default) and the classifier's inputs
     task_embed_dim: int = 300
@@ -132,1278 +81,819 @@ class Config:
     embed_file: str = ""  # text to embed: one whitespace-tokenised sentence per line
     # run control
     out_dir: str = "out/elmo"
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False
-    seed: int = 1337
+    init_from: str = ""  # an elmo.py checkpoint, or allennlp:OPTIONS_JSON,WEIGHTS_HDF5 (the released weights)
+    resume: bool = False  # continue the run in out_dir exactly
+    max_steps: int = 0  # stop this run at this step (0: run the whole schedule)
     eval_interval: int = 1000
-    eval_batches: int = 100  # windows per row of the validation stream per evaluation; 0 = all of it
+    eval_batches: int = 100  # validation windows per row and evaluation (0: the whole split)
     log_interval: int = 50
-    max_steps: int = 0  # stop this run early at this step (0 = run the whole schedule)
-    resume: bool = False
-    init_from: str = ""  # a checkpoint (ckpt.pt), or allennlp:OPTIONS_JSON,WEIGHTS_HDF5
-
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; master weights stay fp32
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(filters="1x32,2x32,3x64,4x128", proj_dim=128, lstm_dim=512, n_negative=1024,
-                    batch_size=32, total_steps=600, eval_interval=200, eval_batches=40, log_interval=25,
-                    task_embed_dim=100, task_hidden=100, task_epochs=0.3),
-    "tiny": Config(char_embed_dim=4, filters="1x4,2x8,3x16", proj_dim=8, lstm_dim=16, vocab_size=300,
-                   n_negative=0, batch_size=4, unroll_steps=6, total_steps=8, eval_interval=100,
-                   eval_batches=3, log_interval=4, task_embed_dim=8, task_hidden=8, task_batch_size=8,
-                   task_epochs=0.04),
+    "small": Config(filters="1x32,2x32,3x64,4x128", proj_dim=128, lstm_dim=512, n_negative=1024, batch_size=32,
+                    total_steps=600, eval_interval=200, eval_batches=40, log_interval=25, task_embed_dim=100,
+                    task_hidden=100, task_epochs=0.3),
+    "tiny": Config(char_embed_dim=4, filters="1x4,2x8,3x16", proj_dim=8, lstm_dim=16, vocab_size=300, n_negative=0,
+                   batch_size=4, unroll_steps=6, total_steps=8, eval_interval=100, eval_batches=3, log_interval=4,
+                   task_embed_dim=8, task_hidden=8, task_batch_size=8, task_epochs=0.04),
 }
-ARCH_FIELDS = ("char_embed_dim", "filters", "n_highway", "n_layers", "lstm_dim", "proj_dim", "cell_clip",
-               "proj_clip", "residual", "vocab_size")
-STAGES = ("pretrain", "embed", "task")
-
-
-# Copied from gpt.py: UserError
-class UserError(Exception):
-    """Bad input: main() prints it as one line `error: ...` and exits with status 2."""
-
-
-def parse_filters(spec: str) -> list[tuple[int, int]]:
-    """"1x32,2x32" -> [(1, 32), (2, 32)]: (width, count) of each character convolution."""
-    try:
-        pairs = [tuple(int(v) for v in p.split("x")) for p in spec.split(",")]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(p) != 2 or p[0] <= 0 or p[1] <= 0 or p[0] > MAX_CHARS for p in pairs):
-        raise UserError(f"--filters must look like 1x32,2x64 (width x count, widths 1..{MAX_CHARS}), "
-                        f"not {spec!r}")
-    return pairs
-
+ARCH_FIELDS = ("char_embed_dim", "filters", "n_highway", "n_layer", "lstm_dim", "proj_dim", "cell_clip", "proj_clip",
+               "residual", "vocab_size")
 
 def validate(cfg: Config) -> None:
-    for name in ("char_embed_dim", "n_layers", "lstm_dim", "proj_dim", "batch_size", "unroll_steps",
-                 "grad_accum", "total_steps", "task_embed_dim", "task_hidden", "task_batch_size",
-                 "eval_interval", "log_interval"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("n_highway", "vocab_size", "n_negative", "max_steps", "eval_batches", "weight_decay",
-                 "grad_clip", "l2_coef", "cell_clip", "proj_clip"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    if 0 < cfg.vocab_size < len(SPECIAL_WORDS) + 1:
-        raise UserError(f"--vocab_size must be 0 or at least {len(SPECIAL_WORDS) + 1}")
-    parse_filters(cfg.filters)
-    for name in ("dropout", "task_dropout"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if not (cfg.lr > 0 and cfg.task_lr > 0 and cfg.adagrad_init > 0 and 0 <= cfg.min_lr <= cfg.lr):
-        raise UserError("--lr, --task_lr and --adagrad_init must be positive, with 0 <= --min_lr <= --lr")
-    if cfg.task_epochs <= 0:
-        raise UserError(f"--task_epochs must be positive, got {cfg.task_epochs}")
-    if cfg.schedule not in ("constant", "cosine"):
-        raise UserError(f"--schedule must be constant or cosine, not {cfg.schedule!r}")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu, cuda or mps, not {cfg.device!r}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {cfg.dtype!r}")
+    for name in ("char_embed_dim", "n_layer", "lstm_dim", "proj_dim", "batch_size", "unroll_steps", "grad_accum", "lr",
+                 "total_steps", "task_embed_dim", "task_hidden", "task_lr", "task_batch_size",
+                 "task_epochs", "eval_interval", "log_interval"):
+        require(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("n_highway", "vocab_size", "n_negative", "cell_clip", "proj_clip", "grad_clip", "l2_coef", "max_steps",
+                 "eval_batches"):
+        require(getattr(cfg, name) >= 0, f"--{name} must not be negative, got {getattr(cfg, name)}")
+    require(0 <= cfg.dropout < 1 and 0 <= cfg.task_dropout < 1 and cfg.vocab_size not in (1, 2, 3) and
+            parse_filters(cfg.filters), "--dropout and --task_dropout must be in [0, 1), --vocab_size 0 or at least 4")
 
+def parse_filters(spec: str) -> list[tuple[int, int]]:
+    """"1x32,2x32" -> [(1, 32), (2, 32)]: the (width, count) of each character convolution."""
+    pairs = [tuple(int(v) if v.isdecimal() else 0 for v in p.split("x")) for p in spec.split(",")]
+    require(all(len(p) == 2 and 0 < p[0] <= MAX_CHARS and p[1] > 0 for p in pairs), f"--filters must look like "
+            f"1x32,2x64 (width x count, widths 1 to {MAX_CHARS}), not {spec!r}")
+    return pairs
 
 # -----------------------------------------------------------------------------------------------------
-# Characters and words: the released ELMo's character ids, and the softmax's word vocabulary
-
-MAX_CHARS = 50  # characters per token, begin- and end-of-word included
-BOS_CHAR, EOS_CHAR, BOW_CHAR, EOW_CHAR, PAD_CHAR = 256, 257, 258, 259, 260  # after the 256 byte values
-N_CHARS = 262  # 261 ids shifted by +1, and row 0 for padding tokens
-SPECIAL_WORDS = ("<S>", "</S>", "<UNK>")  # the first three words of bilm-tf's vocabulary files
-
-
-def token_chars(word: str) -> list[int]:
-    """The 50 character ids of one token, shifted by +1 (so no id is 0)."""
-    if word in ("<S>", "</S>"):
-        body = [BOS_CHAR if word == "<S>" else EOS_CHAR]
-    else:
-        body = list(word.encode("utf-8", "ignore")[:MAX_CHARS - 2])
-    ids = [BOW_CHAR, *body, EOW_CHAR] + [PAD_CHAR] * (MAX_CHARS - 2 - len(body))
-    return [i + 1 for i in ids]
-
-
-def batch_chars(sentences: list[list[str]]) -> torch.Tensor:
-    """Character ids (B, T, 50) of right-padded sentences; a padding token is 50 zeros."""
-    out = torch.zeros(len(sentences), max(map(len, sentences), default=0), MAX_CHARS, dtype=torch.long)
-    for b, words in enumerate(sentences):
-        if words:
-            out[b, :len(words)] = torch.tensor([token_chars(w) for w in words])
-    return out
-
-
-def build_vocab(tokens: list[str], vocab_size: int) -> list[str]:
-    """Softmax words sorted by descending frequency (the log-uniform sampler assumes it), specials first."""
-    counts = Counter(t for t in tokens if t not in SPECIAL_WORDS)
-    words = sorted(counts, key=lambda w: (-counts[w], w))
-    return list(SPECIAL_WORDS) + words[:vocab_size - len(SPECIAL_WORDS) if vocab_size else None]
-
-
-# -----------------------------------------------------------------------------------------------------
-# Data: named datasets downloaded once into a cache and checked, local files, and an offline fallback
-
-DATASETS = {  # name -> {file: (pinned URL, sha256)}; ../shared/data/URLS.md lists where these come from
-    "wikitext2": {f"{s}.txt": (
-        "https://raw.githubusercontent.com/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8/"
-        f"word_language_model/data/wikitext-2/{s}.txt", h) for s, h in (
-        ("train", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),
-        ("valid", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"))},
-    "sst2": {f"{s}.tsv": (
-        "https://raw.githubusercontent.com/eyalbd2/Reproducing-AutoPrompt/6288fb5bec9c572f2492875ae0111df5b6daed11/"
-        f"glue_data/SST-2/{f}.tsv", h) for s, f, h in (  # train_full.tsv: that repo's train.tsv is a subset
-        ("train", "train_full", "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1"),
-        ("dev", "dev", "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"))},
-}
-
-
-# Copied from gpt.py: log0
-def log0(*args):
-    """Print on rank 0 only."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, flush=True)
-
-
-# Copied from gpt.py: download
-def download(name: str, files: dict) -> Path | None:
-    """Fetch a named dataset into the cache (once), checking sha256; None when the network is absent."""
-    root = Path(os.environ.get("NLP_LINEAGE_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nlp-lineage") / name
-    for fname, (url, sha) in files.items():
-        path = root / fname
-        if path.exists():
-            continue
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                data = r.read()
-        except OSError as e:
-            log0(f"could not download {name} ({e.__class__.__name__}: {e})")
-            return None
-        if sha and hashlib.sha256(data).hexdigest() != sha:
-            raise UserError(f"download of {url} does not match its known sha256; not using it")
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return root
-
-
-# Copied from gpt.py: read_text
-def read_text(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    if not text.strip():
-        raise UserError(f"data file {path} is empty")
-    return text
-
-
-# Copied from gpt.py: builtin_text
-def builtin_text() -> list[str]:
-    """The offline fallback corpus: the 79 Python documentation topics shipped in pydoc_data."""
-    from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)]
-
-
-def load_lm_text(data: str) -> tuple[str, str, str]:
-    """(name, train text, validation text). wikitext2 and folders with train.txt + valid.txt: those
-    files; a single file or folder: first 90% / last 10% of its lines; builtin: the last 8 topics."""
-    if data == "wikitext2":
-        root = download(data, DATASETS[data])
-        if root is not None:
-            return data, read_text(root / "train.txt"), read_text(root / "valid.txt")
-        log0("offline: falling back to the built-in corpus (Python documentation) instead of wikitext2")
-        data = "builtin"
-    if data == "builtin":
-        docs = builtin_text()
-        return "builtin", "\n".join(docs[:-8]), "\n".join(docs[-8:])
-    path = Path(data)
-    if not path.exists():
-        raise UserError(f"unknown dataset {data!r}: use wikitext2, builtin or a path to text")
-    if path.is_dir() and (path / "train.txt").exists() and (path / "valid.txt").exists():
-        return path.name, read_text(path / "train.txt"), read_text(path / "valid.txt")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise UserError(f"folder {path} holds no text files")
-        text = "\n".join(read_text(p) for p in files)
-    else:
-        text = read_text(path)
-    lines = text.splitlines()
-    n = int(0.9 * len(lines))
-    if n == 0 or n == len(lines):
-        raise UserError(f"{path} has {len(lines)} lines; it needs at least 2 to split off validation text")
-    return path.name, "\n".join(lines[:n]), "\n".join(lines[n:])
-
-
-def sentence_stream(text: str) -> list[str]:
-    """Every non-empty line as a sentence `<S> w1 .. wn </S>`, all concatenated (bilm-tf's packing)."""
-    return [w for line in text.splitlines() if line.split() for w in ("<S>", *line.split(), "</S>")]
-
-
-class WordTable:
-    """Every word type seen (softmax vocabulary first), its character ids, and its softmax id (or <UNK>)."""
-
-    def __init__(self, vocab: list[str], words):
-        self.types = list(vocab) + sorted(set(words) - set(vocab))
-        self.index = {w: i for i, w in enumerate(self.types)}
-        self.chars = torch.tensor([token_chars(w) for w in self.types])  # (n_types, 50)
-        self.softmax_id = torch.tensor([i if i < len(vocab) else SPECIAL_WORDS.index("<UNK>")
-                                        for i in range(len(self.types))])
-
-    def ids(self, words: list[str]) -> torch.Tensor:
-        return torch.tensor([self.index[w] for w in words], dtype=torch.long)
-
-
-def get_batch(fwd: torch.Tensor, bwd: torch.Tensor, table: WordTable, pos: int, unroll_steps: int) -> dict:
-    """Window pos..pos+T of every row of the forward stream (B, N) and of the reversed stream: characters
-    (B, T, 50) and the next word's softmax id (B, T); in the reversed stream the next word is the previous."""
-    window = slice(pos, pos + unroll_steps)
-    target = slice(pos + 1, pos + unroll_steps + 1)
-    return {"fwd_chars": table.chars[fwd[:, window]], "fwd_targets": table.softmax_id[fwd[:, target]],
-            "bwd_chars": table.chars[bwd[:, window]], "bwd_targets": table.softmax_id[bwd[:, target]]}
-
-
-def stream_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
-    """Cut a stream into `rows` contiguous rows (B, N): row b continues in the next batch's row b."""
-    n = len(ids) // rows
-    return ids[:rows * n].view(rows, n)
-
-
-class StreamSampler:
-    """Consecutive windows of each row of the two streams, so the carried LSTM state continues the text it
-    ended on (truncated BPTT). Under DDP each rank reads its own shard. The data position is `pos`."""
-
-    def __init__(self, ids: torch.Tensor, table: WordTable, batch_size: int, unroll_steps: int, rank=0, world=1):
-        shard = len(ids) // world
-        ids = ids[rank * shard:(rank + 1) * shard]
-        self.fwd, self.bwd = stream_rows(ids, batch_size), stream_rows(ids.flip(0), batch_size)
-        if self.fwd.size(1) <= unroll_steps + 1:
-            raise UserError(f"training text has {len(ids)} words per rank, too few for {batch_size} rows of "
-                            f"{unroll_steps + 1}; use more data or a smaller --batch_size or --unroll_steps")
-        self.table, self.unroll_steps, self.pos = table, unroll_steps, 0
-
-    def __next__(self) -> dict:
-        if self.pos + self.unroll_steps + 1 > self.fwd.size(1):
-            self.pos = 0  # next epoch: the rows start over, the state carries on
-        batch = get_batch(self.fwd, self.bwd, self.table, self.pos, self.unroll_steps)
-        self.pos += self.unroll_steps
-        return batch
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-
-def eval_windows(ids: torch.Tensor, table: WordTable, batch_size: int, unroll_steps: int, max_windows: int):
-    """The validation stream as rows, window after window (the state carried); max_windows per row (0 = all)."""
-    fwd, bwd = stream_rows(ids, batch_size), stream_rows(ids.flip(0), batch_size)
-    n = (fwd.size(1) - 1) // unroll_steps
-    for i in range(min(n, max_windows) if max_windows else n):
-        yield get_batch(fwd, bwd, table, i * unroll_steps, unroll_steps)
-
-
-# -----------------------------------------------------------------------------------------------------
-# Model (section 3.1): character CNN -> highway -> projection, then two LSTM stacks with projections
-
-
-class Highway(nn.Module):
-    """y = t * relu(W_T x + b_T) + (1 - t) * x with t = sigmoid(W_C x + b_C) (Srivastava et al. 2015, as
-    bilm-tf's high(): its "carry" gate multiplies the transform branch). b_C starts at -2: mostly carry x."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.transform, self.carry = nn.Linear(d, d), nn.Linear(d, d)
-        for lin in (self.transform, self.carry):
-            nn.init.normal_(lin.weight, std=math.sqrt(1.0 / d))
-        nn.init.zeros_(self.transform.bias)
-        nn.init.constant_(self.carry.bias, -2.0)
-
-    def forward(self, x):
-        t = torch.sigmoid(self.carry(x))
-        return t * F.relu(self.transform(x)) + (1 - t) * x
-
+# Model (section 3.1): character CNN, highways and a projection; a forward and a backward stack of LSTMs
 
 class CharCNN(nn.Module):
-    """Context-free token representation x_k (section 3.1, Kim et al. 2016): characters (B, T, 50) -> (B, T, P)."""
+    """x_k (section 3.1; Kim et al. 2016): character convolutions max-pooled over positions, highways y = t relu(W_T x +
+    b_T) + (1 - t) x, t = sigmoid(W_C x + b_C) (bilm-tf's "carry", b_C from -2), a projection; bilm-tf's inits."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         filters = parse_filters(cfg.filters)
+        d = sum(n for _, n in filters)  # the highways' width
         self.char_embed = nn.Embedding(N_CHARS, cfg.char_embed_dim, padding_idx=0)  # row 0: padding tokens
         self.convs = nn.ModuleList(nn.Conv1d(cfg.char_embed_dim, n, w) for w, n in filters)
-        d = sum(n for _, n in filters)
-        self.highways = nn.ModuleList(Highway(d) for _ in range(cfg.n_highway))
+        self.transform, self.carry = (nn.ModuleList(nn.Linear(d, d) for _ in range(cfg.n_highway)) for _ in range(2))
         self.proj = nn.Linear(d, cfg.proj_dim) if d != cfg.proj_dim else nn.Identity()
-        nn.init.uniform_(self.char_embed.weight, -1.0, 1.0)  # bilm-tf's initialisers
-        with torch.no_grad():
-            self.char_embed.weight[0].zero_()
+        nn.init.uniform_(self.char_embed.weight[1:], -1.0, 1.0)
         for conv in self.convs:
             nn.init.uniform_(conv.weight, -0.05, 0.05)
             nn.init.zeros_(conv.bias)
-        if isinstance(self.proj, nn.Linear):
-            nn.init.normal_(self.proj.weight, std=math.sqrt(1.0 / d))
-            nn.init.zeros_(self.proj.bias)
+        for lin in (m for m in self.modules() if isinstance(m, nn.Linear)):  # the highways and the projection
+            nn.init.normal_(lin.weight, std=math.sqrt(1.0 / d))
+            nn.init.constant_(lin.bias, -2.0 if lin in self.carry else 0.0)
 
     def forward(self, chars):
-        B = chars.size(0)
+        """Characters (B, T, 50) -> x (B, T, P), zero at padding tokens (50 zero ids), and the mask (B, T)."""
         # x_k depends on the token alone: compute it once per distinct token of the batch (U <= B*T)
         words, where = torch.unique(rearrange(chars, "b t c -> (b t) c"), dim=0, return_inverse=True)
         x = rearrange(self.char_embed(words), "u c e -> u e c")  # (U, E, 50)
         # each filter: valid convolution over the characters, max over positions, then ReLU
         h = torch.cat([F.relu(conv(x).max(dim=-1).values) for conv in self.convs], dim=-1)  # (U, F)
-        for highway in self.highways:
-            h = highway(h)
-        return rearrange(self.proj(h)[where], "(b t) p -> b t p", b=B)  # (B, T, P)
-
+        for transform, carry in zip(self.transform, self.carry):
+            t = torch.sigmoid(carry(h))
+            h = t * F.relu(transform(h)) + (1 - t) * h
+        mask = (chars > 0).any(-1)
+        return rearrange(self.proj(h)[where], "(b t) p -> b t p", b=chars.size(0)) * mask[..., None], mask
 
 class LstmProjection(nn.Module):
-    """One layer, one direction: an LSTM with a projected, clipped output (Sak et al. 2014; TensorFlow's
-    LSTMCell(num_proj, cell_clip, proj_clip)). Gates in PyTorch order (i, f, g, o):
-        c_t = clip(f * c_{t-1} + i * g, +-cell_clip);  h_t = clip(W_p (o * tanh c_t), +-proj_clip)
-    Padded steps (mask False) keep the previous state and output zeros."""
+    """One layer of one direction, TensorFlow's LSTMCell(num_proj, cell_clip, proj_clip) (nn.LSTM cannot clip): gates
+    (i, j, f, o) from one kernel over [x_t; h_{t-1}], s = sigmoid, padded steps (mask False) keep the state, output 0:
+        c_t = clip(s(f + 1) * c_{t-1} + s(i) * tanh(j), +-cell_clip);  h_t = clip(W_p (s(o) * tanh c_t), +-proj_clip)"""
 
     def __init__(self, d_in: int, cfg: Config):
         super().__init__()
-        H, P = cfg.lstm_dim, cfg.proj_dim
-        self.cell_clip, self.proj_clip = cfg.cell_clip, cfg.proj_clip
-        self.input_linear = nn.Linear(d_in, 4 * H, bias=False)
-        self.state_linear = nn.Linear(P, 4 * H)
-        self.proj = nn.Linear(H, P, bias=False)
-        bound = math.sqrt(6.0 / (d_in + P + 4 * H))  # Glorot over TF's packed [W_x; W_h] (TF's default)
-        nn.init.uniform_(self.input_linear.weight, -bound, bound)
-        nn.init.uniform_(self.state_linear.weight, -bound, bound)
-        nn.init.xavier_uniform_(self.proj.weight)
-        with torch.no_grad():  # TF adds forget_bias 1.0 at run time; we store it in the bias
-            self.state_linear.bias.zero_()
-            self.state_linear.bias[H:2 * H] = 1.0
+        H, P, self.cell_clip, self.proj_clip = cfg.lstm_dim, cfg.proj_dim, cfg.cell_clip, cfg.proj_clip
+        self.kernel, self.proj = nn.Linear(d_in + P, 4 * H), nn.Linear(H, P, bias=False)  # W_0 and B, W_P_0
+        for lin in (self.kernel, self.proj):  # TensorFlow's defaults: Glorot uniform, bias 0
+            nn.init.xavier_uniform_(lin.weight)
+        nn.init.zeros_(self.kernel.bias)
 
     def forward(self, x, mask, state):
-        """x (B, T, D), mask (B, T), state (h (B, P), c (B, H)) -> outputs (B, T, P), final state."""
-        h, c = state
-        xw = self.input_linear(x)  # (B, T, 4H): the input half of every step at once
-        padded = not bool(mask.all())  # packed pretraining windows have no padding: skip the masking
-        outputs = []
+        """x (B, T, D), mask (B, T), state (h (B, P), c (B, H)) -> outputs (B, T, P), the final state."""
+        (h, c), outputs = state, []
+        W_x, W_h = self.kernel.weight.split([x.size(-1), h.size(-1)], dim=1)
+        xw = F.linear(x, W_x)  # (B, T, 4H): the input's half of every step at once
         for t in range(x.size(1)):
-            i, f, g, o = (xw[:, t] + self.state_linear(h)).float().chunk(4, dim=-1)  # the recurrence in fp32
-            c_new = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)).clamp(-self.cell_clip, self.cell_clip)
+            i, j, f, o = (xw[:, t] + F.linear(h, W_h, self.kernel.bias)).float().chunk(4, dim=-1)  # in fp32
+            c_new = (torch.sigmoid(f + 1) * c + torch.sigmoid(i) * torch.tanh(j)).clamp(-self.cell_clip, self.cell_clip)
             h_new = self.proj(torch.sigmoid(o) * torch.tanh(c_new)).float().clamp(-self.proj_clip, self.proj_clip)
-            if padded:
-                m = mask[:, t, None]
-                c, h, h_new = torch.where(m, c_new, c), torch.where(m, h_new, h), h_new * m
-            else:
-                c, h = c_new, h_new
-            outputs.append(h_new)
+            m = mask[:, t, None]
+            c, h = torch.where(m, c_new, c), torch.where(m, h_new, h)
+            outputs.append(h_new * m)
         return torch.stack(outputs, dim=1), (h, c)
 
-
 class BiLM(nn.Module):
-    """The biLM: a shared token representation, a forward and a backward stack of LstmProjection layers, and
-    a softmax shared by both directions (section 3.1). Stateful (`stateful = True`) it starts every batch
-    from the final state of the previous batch, per row, as bilm-tf and the released outputs do."""
+    """The biLM: a token representation, a forward and a backward stack of LstmProjection layers, one softmax. The LSTM
+    state (h (2, L, B, P), c (2, L, B, H); None: zeros) is passed in and handed back, never kept in the model."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg = cfg
-        self.token_embedder = CharCNN(cfg)
-        self.stacks = nn.ModuleList(nn.ModuleList(LstmProjection(cfg.proj_dim, cfg) for _ in range(cfg.n_layers))
+        self.cfg, self.drop, self.token_embedder = cfg, nn.Dropout(cfg.dropout), CharCNN(cfg)
+        self.stacks = nn.ModuleList(nn.ModuleList(LstmProjection(cfg.proj_dim, cfg) for _ in range(cfg.n_layer))
                                     for _ in ("forward", "backward"))
-        self.softmax = nn.Linear(cfg.proj_dim, cfg.vocab_size) if cfg.vocab_size else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.stateful, self.state = False, None
+        self.softmax = nn.Linear(cfg.proj_dim, cfg.vocab_size) if cfg.vocab_size else None  # the released have none
+        if self.softmax is not None:  # bilm-tf: W ~ N(0, 1/sqrt(proj_dim)), b = 0
+            nn.init.normal_(self.softmax.weight, std=1.0 / math.sqrt(cfg.proj_dim))
+            nn.init.zeros_(self.softmax.bias)
 
-    def reset_states(self):
-        self.state = None
-
-    def get_extra_state(self):  # the carried state goes into checkpoints with the weights
-        return self.state
-
-    def set_extra_state(self, state):
-        self.state = state
-
-    def embed_tokens(self, chars):
-        """Characters (B, T, 50) -> token representations x (B, T, P), zero at padding, and the mask (B, T)."""
-        mask = (chars > 0).any(-1)  # a padding token is all zeros
-        return self.token_embedder(chars) * mask[..., None], mask
-
-    def run_lms(self, fwd, bwd):
-        """Both LMs, each over its own stream of (x, mask) in its own reading order. Returns, per direction,
-        the L+1 layers [x, h_1, .., h_L], each (B, T, P)."""
-        B = fwd[0].size(0)
-        H, P = self.cfg.lstm_dim, self.cfg.proj_dim
-        new_state, layers = [], []
+    def run_lms(self, fwd, bwd, state=None):
+        """Both LMs on their (x (B, T, P), mask (B, T)) -> per direction the layers [x, h_1, .., h_L]; the new state."""
+        B, L, H, P = fwd[0].size(0), self.cfg.n_layer, self.cfg.lstm_dim, self.cfg.proj_dim
+        if state is None:
+            state = fwd[0].new_zeros(2, L, B, P, dtype=torch.float32), fwd[0].new_zeros(2, L, B, H, dtype=torch.float32)
+        layers, final = [], []
         for d, ((x, mask), stack) in enumerate(zip((fwd, bwd), self.stacks)):
-            out = [x]
+            layers.append([x])
             for j, layer in enumerate(stack):
-                state = (x.new_zeros(B, P, dtype=torch.float32), x.new_zeros(B, H, dtype=torch.float32))
-                if self.stateful and self.state is not None:
-                    prev = self.state[d][j]
-                    n = min(B, prev[0].size(0))  # rows beyond the stored ones start from zero
-                    state = tuple(torch.cat([s[:n].to(z.device), z[n:]]) for s, z in zip(prev, state))
-                inp = self.drop(x)
-                h, final = layer(inp, mask, state)
-                x = h + inp if self.cfg.residual and j > 0 else h  # residual from the second layer on
-                out.append(x)
-                new_state.append(tuple(s.detach() for s in final))  # truncated BPTT at the batch boundary
-            layers.append(out)
-        if self.stateful:
-            L = self.cfg.n_layers
-            self.state = [new_state[:L], new_state[L:]]
-        return layers
+                inp = self.drop(x)  # bilm-tf's DropoutWrapper(input_keep_prob) on every layer
+                h, (h_n, c_n) = layer(inp, mask, (state[0][d, j], state[1][d, j]))
+                x = h + inp if self.cfg.residual and j > 0 else h  # a residual from the second layer on
+                layers[-1].append(x)
+                final.append((h_n.detach(), c_n.detach()))  # truncated BPTT: no gradient into the next batch
+        h_n, c_n = (rearrange(torch.stack(s), "(d l) b n -> d l b n", d=2) for s in zip(*final))
+        return layers, (h_n, c_n)
 
-    def forward(self, fwd_chars, bwd_chars, fwd_targets, bwd_targets):
-        """The pretraining objective (eq. 3): the mean of the forward and backward LM cross-entropies."""
-        if self.softmax is None:
-            raise UserError("this biLM has no softmax (the released weights ship without one); it can embed "
-                            "and serve a task but not be trained as a language model")
-        fwd, bwd = self.run_lms(self.embed_tokens(fwd_chars), self.embed_tokens(bwd_chars))
-        return 0.5 * (self.lm_loss(self.drop(fwd[-1]), fwd_targets) + self.lm_loss(self.drop(bwd[-1]), bwd_targets))
+    def forward(self, fwd_chars, bwd_chars, fwd_targets, bwd_targets, state=None):
+        """The pretraining objective (eq. 3), the mean of the forward and backward LM losses; and the final state."""
+        (fwd, bwd), state = self.run_lms(self.token_embedder(fwd_chars), self.token_embedder(bwd_chars), state)
+        loss = 0.5 * (self.lm_loss(self.drop(fwd[-1]), fwd_targets) + self.lm_loss(self.drop(bwd[-1]), bwd_targets))
+        return loss, state
 
     def lm_loss(self, h, targets):
-        """Cross-entropy of the shared softmax, in fp32; sampled softmax in training when n_negative is set."""
+        """Cross-entropy of the shared softmax in fp32; in training with n_negative, the sampled softmax: the true word
+        against S negatives drawn from TensorFlow's log-uniform sampler over the frequency-sorted vocabulary,
+        Q(k) = log((k+2)/(k+1)) / log(V+1), each logit less the log of its expected count in S draws, S Q(k)."""
         h, targets = h.flatten(0, 1).float(), targets.flatten()
         W, b = self.softmax.weight.float(), self.softmax.bias.float()
         V, S = W.size(0), self.cfg.n_negative
         if not (self.training and 0 < S < V):
             return F.cross_entropy(h @ W.T + b, targets)
-        sampled = log_uniform_sample(V, S, h.device)  # (S,) shared by the whole batch
-
-        def log_expected(k):  # log of the expected number of times k is drawn in S draws
-            return torch.log(S * torch.log1p(1.0 / (k.float() + 1)) / math.log(V + 1))
-
-        true = (h * W[targets]).sum(-1) + b[targets] - log_expected(targets)  # (N,)
-        neg = h @ W[sampled].T + b[sampled] - log_expected(sampled)  # (N, S)
+        sampled = ((torch.rand(S, device=h.device) * math.log(V + 1)).exp() - 1).long().clamp(max=V - 1)  # (S,) ~ Q
+        log_sq = torch.log(S * torch.log1p(1.0 / torch.arange(1.0, V + 1, device=h.device)) / math.log(V + 1))
+        true = (h * W[targets]).sum(-1) + b[targets] - log_sq[targets]  # (N,)
+        neg = h @ W[sampled].T + b[sampled] - log_sq[sampled]  # (N, S)
         neg = neg.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))  # accidental hits
-        logits = torch.cat([true[:, None], neg], dim=1)
-        return F.cross_entropy(logits, torch.zeros_like(targets))
+        return F.cross_entropy(torch.cat([true[:, None], neg], dim=1), torch.zeros_like(targets))
 
-    def activations(self, chars):
-        """The biLM's representations of right-padded sentences (section 3.2): chars (B, T, 50) without
-        boundaries -> layers (B, L+1, T, 2P) where layer 0 is [x; x] and layer j is [h_fwd_j; h_bwd_j], and
-        the mask (B, T). `<S>`/`</S>` are added around each sentence and their outputs dropped, as ELMo does."""
+    def activations(self, chars, state=None):
+        """Section 3.2's representations of right-padded sentences, chars (B, T, 50) -> layers (B, L+1, T, 2P), layer 0
+        [x; x] and layer j [h_fwd_j; h_bwd_j], the mask (B, T) and the final state; `<S>`/`</S>` framed as ELMo does."""
         mask = (chars > 0).any(-1)
-        lengths = mask.sum(1)
-        B, T = mask.shape
-        framed = chars.new_zeros(B, T + 2, MAX_CHARS)
-        framed[:, 0] = torch.tensor(token_chars("<S>"))
-        framed[:, 1:T + 1] = chars
-        rows = torch.arange(B, device=chars.device)
-        framed[rows, lengths + 1] = torch.tensor(token_chars("</S>"), device=chars.device)
-        x, framed_mask = self.embed_tokens(framed)  # (B, T+2, P): computed once, shared by both LMs
-        rev = reverse_index(lengths + 2, T + 2)[..., None].expand_as(x)  # each row reversed within its length
-        fwd, bwd = self.run_lms((x, framed_mask), (x.gather(1, rev), framed_mask))
-        bwd = [h.gather(1, rev) for h in bwd]  # back into reading order
-        layers = torch.stack([torch.cat([f, b], dim=-1) for f, b in zip(fwd, bwd)], dim=1)  # (B, L+1, T+2, 2P)
-        return layers[:, :, 1:T + 1] * mask[:, None, :, None], mask
+        framed = F.pad(chars, (0, 0, 1, 1))  # (B, T+2, 50): room for <S> and </S>
+        framed[:, 0] = framed.new_tensor(token_chars("<S>"))
+        framed[torch.arange(len(chars), device=chars.device), mask.sum(1) + 1] = framed.new_tensor(token_chars("</S>"))
+        x, framed_mask = self.token_embedder(framed)  # computed once for both LMs
+        # the backward LM reads each row from its end: flipped, a row's padding comes first and keeps the state
+        (fwd, bwd), state = self.run_lms((x, framed_mask), (x.flip(1), framed_mask.flip(1)), state)
+        layers = torch.stack([torch.cat([f, b.flip(1)], dim=-1) for f, b in zip(fwd, bwd)], dim=1)  # (B, L+1, T+2, 2P)
+        return layers[:, :, 1:-1] * mask[:, None, :, None], mask, state
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token and direction pair: 6 x the multiply-adds of the char CNN (once), each
-        direction's LSTM layers, and its softmax (full, or the sampled columns)."""
-        cfg, filters = self.cfg, parse_filters(self.cfg.filters)
-        d = sum(n for _, n in filters)
+        """Training FLOPs per token, 6 x the multiply-adds: the char CNN's, both directions' LSTMs, the softmax's."""
+        cfg, filters, P = self.cfg, parse_filters(self.cfg.filters), self.cfg.proj_dim
+        d, V = sum(n for _, n in filters), cfg.n_negative if 0 < cfg.n_negative < cfg.vocab_size else cfg.vocab_size
         cnn = sum(w * cfg.char_embed_dim * n * (MAX_CHARS - w + 1) for w, n in filters) + 2 * cfg.n_highway * d * d
-        cnn += d * cfg.proj_dim
-        lstm = cfg.n_layers * (2 * cfg.proj_dim * 4 * cfg.lstm_dim + cfg.lstm_dim * cfg.proj_dim)
-        V = cfg.vocab_size if not 0 < cfg.n_negative < cfg.vocab_size else cfg.n_negative
-        return 6.0 * (2 * cnn + 2 * lstm + 2 * cfg.proj_dim * V)
+        return 6.0 * 2 * (cnn + d * P + cfg.n_layer * 9 * P * cfg.lstm_dim + P * V)  # per direction: 9PH a layer
 
-
-def log_uniform_sample(V: int, S: int, device=None) -> torch.Tensor:
-    """S draws from TensorFlow's log-uniform (Zipf) sampler over a frequency-sorted vocabulary:
-    Q(k) = log((k+2)/(k+1)) / log(V+1), drawn as floor(exp(u log(V+1))) - 1 with u ~ U[0, 1)."""
-    return ((torch.rand(S, device=device) * math.log(V + 1)).exp() - 1).long().clamp(max=V - 1)
-
-
-def reverse_index(lengths, T: int):
-    """(B, T) gather index reversing each row's first lengths[b] positions and leaving the padding in place."""
-    t = torch.arange(T, device=lengths.device)[None, :]
-    return torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
-
-
-def build_model(cfg: Config) -> BiLM:
-    return BiLM(cfg)
-
+build_model = BiLM
 
 # -----------------------------------------------------------------------------------------------------
-# Objective: the biLM's joint log-likelihood of both directions (eq. 3), in fp32
+# Objective: the joint log-likelihood of both directions (eq. 3), in fp32
 
-
-def pretrain_loss(model, batch: dict) -> torch.Tensor:
-    return model(batch["fwd_chars"], batch["bwd_chars"], batch["fwd_targets"], batch["bwd_targets"])
-
+def pretrain_loss(model, batch: dict, stream=None) -> torch.Tensor:
+    """From the state in the batch (h0, c0; none: zeros); the final state goes to `stream.state`, the next batch's."""
+    state = (batch["h0"], batch["c0"]) if "h0" in batch else None
+    loss, final = model(batch["fwd_chars"], batch["bwd_chars"], batch["fwd_targets"], batch["bwd_targets"], state)
+    if stream is not None:
+        stream.state = final
+    return loss
 
 # -----------------------------------------------------------------------------------------------------
-# ELMo (section 3.2) and downstream use (section 3.3)
-
-
-class ScalarMix(nn.Module):
-    """ELMo^task = gamma * sum_j s_j h_j with s = softmax(w) (eq. 1); w starts at 0 and gamma at 1. With
-    layer_norm, each layer is first normalised by one mean and variance over all unmasked elements of its
-    batch tensor, without affine parameters (bilm-tf's _do_ln; not nn.LayerNorm)."""
-
-    def __init__(self, n_layers: int, layer_norm: bool = False):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(n_layers))
-        self.gamma = nn.Parameter(torch.ones(()))
-        self.layer_norm = layer_norm
-
-    def forward(self, layers, mask):
-        """layers (B, L+1, T, D), mask (B, T) -> (B, T, D)."""
-        if self.layer_norm:
-            m = mask[:, None, :, None].to(layers.dtype)
-            n = m.sum() * layers.size(-1)
-            mean = (layers * m).sum(dim=(0, 2, 3), keepdim=True) / n
-            var = (((layers - mean) * m) ** 2).sum(dim=(0, 2, 3), keepdim=True) / n
-            layers = (layers - mean) / torch.sqrt(var + 1e-12)
-        s = self.w.softmax(0)
-        return self.gamma * torch.einsum("l,bltd->btd", s, layers)
-
-    def l2(self):
-        return (self.w ** 2).sum()
-
+# Downstream: ELMo (section 3.2) in a task model (section 3.3)
 
 class Elmo(nn.Module):
-    """A frozen biLM and n independent scalar mixes over one pass of it, each followed by dropout."""
+    """n_mixes mixes ELMo_k = gamma sum_j s_j h_kj, s = softmax(w) (eq. 1; w from 0, gamma 1) over one frozen biLM pass,
+    then dropout; layer_norm first normalises each layer by its mean and variance over the batch's real tokens."""
 
     def __init__(self, bilm: BiLM, n_mixes: int, dropout: float, layer_norm: bool):
         super().__init__()
-        self.bilm = bilm.requires_grad_(False)
-        self.mixes = nn.ModuleList(ScalarMix(bilm.cfg.n_layers + 1, layer_norm) for _ in range(n_mixes))
-        self.drop = nn.Dropout(dropout)
-
-    def train(self, mode=True):  # the biLM stays in evaluation mode: no dropout in the frozen model
-        super().train(mode)
-        self.bilm.eval()
-        return self
+        self.bilm, self.drop, self.layer_norm = bilm.requires_grad_(False), nn.Dropout(dropout), layer_norm
+        self.w, self.gamma = nn.Parameter(torch.zeros(n_mixes, bilm.cfg.n_layer + 1)), nn.Parameter(torch.ones(n_mixes))
 
     def forward(self, chars):
-        """chars (B, T, 50) -> [ELMo_k (B, T, 2P) for each mix], mask (B, T)."""
-        with torch.no_grad():
-            layers, mask = self.bilm.activations(chars)
-        return [self.drop(mix(layers, mask)) for mix in self.mixes], mask
-
+        """chars (B, T, 50) -> ELMo (n_mixes, B, T, 2P)."""
+        with torch.no_grad():  # the frozen biLM always runs in evaluation mode, without dropout
+            layers, mask, _ = self.bilm.eval().activations(chars)  # (B, L+1, T, 2P)
+        if self.layer_norm:
+            real = layers.transpose(0, 1)[:, mask]  # (L+1, N, 2P): each layer's vectors of the real tokens
+            mean, var = real.mean(dim=(1, 2)), real.var(dim=(1, 2), correction=0)
+            layers = (layers - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-12)
+        return self.drop(torch.einsum("k,kl,bltd->kbtd", self.gamma, self.w.softmax(-1), layers))
 
 class Classifier(nn.Module):
-    """The task model: word vectors [x_k; ELMo_k] into a BiLSTM, ([h_k; ELMo'_k] with elmo_output), max
-    pooling over the real tokens, dropout, a linear layer. Without a biLM it is the baseline."""
+    """[x_k; ELMo_k] into a BiLSTM ([h_k; ELMo'_k] out: elmo_output), max pool, dropout, linear; no biLM: baseline."""
 
     def __init__(self, cfg: Config, n_words: int, n_classes: int, bilm: BiLM | None):
         super().__init__()
-        self.embed = nn.Embedding(n_words, cfg.task_embed_dim, padding_idx=0)
+        self.embed, self.drop = nn.Embedding(n_words, cfg.task_embed_dim, padding_idx=0), nn.Dropout(cfg.task_dropout)
         self.elmo = Elmo(bilm, 1 + cfg.elmo_output, cfg.task_dropout, cfg.layer_norm) if bilm else None
-        d_elmo = 2 * bilm.cfg.proj_dim if bilm else 0
+        d_elmo, self.elmo_output = (2 * bilm.cfg.proj_dim, cfg.elmo_output) if bilm else (0, False)
         self.lstm = nn.LSTM(cfg.task_embed_dim + d_elmo, cfg.task_hidden, batch_first=True, bidirectional=True)
-        self.drop = nn.Dropout(cfg.task_dropout)
-        self.elmo_output = bilm is not None and cfg.elmo_output
         self.head = nn.Linear(2 * cfg.task_hidden + (d_elmo if self.elmo_output else 0), n_classes)
 
     def forward(self, word_ids, chars, lengths):
         """word_ids (B, T), chars (B, T, 50), lengths (B,) -> logits (B, n_classes)."""
-        T = word_ids.size(1)
-        mask = torch.arange(T, device=word_ids.device)[None, :] < lengths[:, None]
         x = self.drop(self.embed(word_ids))  # (B, T, E)
         if self.elmo is not None:
-            elmo, _ = self.elmo(chars)
-            x = torch.cat([x, elmo[0].to(x.dtype)], dim=-1)  # input: [x_k; ELMo_k]
+            elmo = self.elmo(chars).to(x.dtype)
+            x = torch.cat([x, elmo[0]], dim=-1)  # the input: [x_k; ELMo_k]
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        h, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=T)
+        h, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=word_ids.size(1))
         if self.elmo_output:
-            h = torch.cat([h, elmo[1].to(h.dtype)], dim=-1)  # output: [h_k; ELMo'_k]
-        pooled = h.masked_fill(~mask[..., None], float("-inf")).max(dim=1).values
-        return self.head(self.drop(pooled))
-
-    def l2(self):
-        return sum(mix.l2() for mix in self.elmo.mixes) if self.elmo is not None else 0.0
-
+            h = torch.cat([h, elmo[1].to(h.dtype)], dim=-1)  # the output: [h_k; ELMo'_k]
+        pad = torch.arange(word_ids.size(1), device=word_ids.device)[None, :] >= lengths[:, None]
+        return self.head(self.drop(h.masked_fill(pad[..., None], float("-inf")).max(dim=1).values))
 
 def task_loss(model: Classifier, batch: dict, l2_coef: float) -> torch.Tensor:
-    """Cross-entropy plus lambda ||w||^2 on the mix weights (section 3.2)."""
-    core = getattr(model, "module", model)
-    logits = model(batch["word_ids"], batch["chars"], batch["lengths"])
-    return F.cross_entropy(logits.float(), batch["labels"]) + l2_coef * core.l2()
+    """Cross-entropy plus lambda ||w||^2 on the mix weights (section 3.2); the metric is accuracy."""
+    logits, elmo = model(batch["word_ids"], batch["chars"], batch["lengths"]), getattr(model, "module", model).elmo
+    return F.cross_entropy(logits.float(), batch["labels"]) + l2_coef * (0.0 if elmo is None else (elmo.w ** 2).sum())
 
+# -----------------------------------------------------------------------------------------------------
+# Vocabulary: the released ELMo's character ids, and the softmax's words
+
+MAX_CHARS, N_CHARS = 50, 262  # characters per token (begin and end of word too); ids: 261, shifted by +1, 0 pads
+BOS_CHAR, EOS_CHAR, BOW_CHAR, EOW_CHAR, PAD_CHAR = 256, 257, 258, 259, 260  # after the 256 byte values
+SPECIAL_WORDS = ("<S>", "</S>", "<UNK>")  # the first three words of bilm-tf's vocabulary files
+
+def token_chars(word: str) -> list[int]:
+    """The 50 character ids of one token, shifted by +1 (so that no id is 0)."""
+    body = {"<S>": [BOS_CHAR], "</S>": [EOS_CHAR]}.get(word) or list(word.encode("utf-8", "ignore")[:MAX_CHARS - 2])
+    return [i + 1 for i in [BOW_CHAR, *body, EOW_CHAR] + [PAD_CHAR] * (MAX_CHARS - 2 - len(body))]
+
+def batch_chars(sentences: list[list[str]]) -> torch.Tensor:
+    """Character ids (B, T, 50) of right-padded sentences; a padding token is 50 zeros."""
+    T = max(map(len, sentences), default=0)
+    rows = [[token_chars(w) for w in words] + [[0] * MAX_CHARS] * (T - len(words)) for words in sentences]
+    return torch.tensor(rows, dtype=torch.long).view(len(sentences), T, MAX_CHARS)
+
+class WordTable:
+    """Softmax words (specials, then by frequency, as the log-uniform sampler needs), then the rest; their char ids."""
+
+    def __init__(self, vocab: list[str] | None, train: list[str], other: list[str], vocab_size: int):
+        counts = Counter(w for w in train if w not in SPECIAL_WORDS)
+        self.vocab = vocab or [*SPECIAL_WORDS, *sorted(counts, key=lambda w: (-counts[w], w))][:vocab_size or None]
+        self.types = self.vocab + sorted(set(train + other) - set(self.vocab))
+        self.index = {w: i for i, w in enumerate(self.types)}
+        self.chars = torch.tensor([token_chars(w) for w in self.types])  # (n_types, 50)
+        self.softmax_id = torch.tensor([i if i < len(self.vocab) else 2 for i in range(len(self.types))])  # 2: <UNK>
+
+# -----------------------------------------------------------------------------------------------------
+# Data: sentence streams for the biLM, labelled sentences for the task
+
+DATASETS = {  # name -> {file in the cache: (pinned URL, sha256)}; ../shared/data/URLS.md lists them all
+    "wikitext2": {f"{s}.txt": ("https://raw.githubusercontent.com/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c"
+                               f"52f181e8/word_language_model/data/wikitext-2/{s}.txt", h) for s, h in (
+        ("train", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f"),
+        ("valid", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"))},
+    "sst2": {f"{s}.tsv": ("https://raw.githubusercontent.com/eyalbd2/Reproducing-AutoPrompt/6288fb5bec9c572f2492875ae0"
+                          f"111df5b6daed11/glue_data/SST-2/{f}.tsv", h) for s, f, h in (  # train_full: all of it
+        ("train", "train_full", "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1"),
+        ("dev", "dev", "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0"))},
+}
+
+# Copied from gpt.py: load_lm_text
+def load_lm_text(data: str) -> tuple[str, str, str]:
+    """(name, train text, validation text): a named dataset's or a folder's *train*.txt and *valid*.txt, else 10% of
+    a file's (all a folder's but *test* files') characters held out; builtin, offline: Python's docs, 8 topics out."""
+    if data in DATASETS:
+        data = str(download(data, "the built-in corpus (Python documentation)") or "builtin")
+    if data == "builtin":
+        docs = [text for _, text in sorted(importlib.import_module("pydoc_data.topics").topics.items())]
+        return "builtin", "\n".join(docs[:-8]), "\n".join(docs[-8:])
+    path = Path(data)
+    require(path.exists() or os.sep in data or "." in data, f"unknown dataset {data!r}: use one of "
+            f"{', '.join(DATASETS)}, builtin, or a path to a text file or folder")
+    train, valid = (sorted(path.glob(f"*{split}*.txt")) if path.is_dir() else [] for split in ("train", "valid"))
+    if train and valid:  # train.txt and valid.txt, ptb.train.txt and ptb.valid.txt, ...
+        return path.name, read_text(train[0]), read_text(valid[0])
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not re.match(r"\.|.*test", p.name)) or [path]
+    text = "\n".join(read_text(p) for p in files)
+    return path.name, text[:int(0.9 * len(text))], text[int(0.9 * len(text)):]
+
+def sentence_stream(text: str) -> list[str]:
+    """Every non-empty line as a sentence `<S> w1 .. wn </S>`, all packed into one stream (bilm-tf's)."""
+    return [w for line in text.split("\n") if line.split() for w in ("<S>", *line.split(), "</S>")]
+
+class StreamSampler:
+    """Consecutive windows of the rows of a stream and of the reversed stream, so that the LSTM state carried from batch
+    to batch (pretrain_loss leaves it in `state`) continues its text; `position` is the offset and that state."""
+
+    def __init__(self, words: list[str], table: WordTable, batch_size: int, unroll_steps: int, split="training"):
+        ids = torch.tensor([table.index[w] for w in words])
+        ids = ids.chunk(WORLD)[RANK] if split == "training" else ids  # in training each rank reads its own shard
+        n, self.table, self.unroll_steps = len(ids) // batch_size, table, unroll_steps  # row b continues row b
+        self.fwd, self.bwd = (s[:batch_size * n].view(batch_size, n) for s in (ids, ids.flip(0)))
+        self.windows, self.pos, self.state = (n - 1) // unroll_steps, 0, None
+        require(self.windows > 0, f"the {split} text has {len(ids)} words (per rank), too few for {batch_size} rows "
+                f"of {unroll_steps + 1}; use more data or a smaller --batch_size or --unroll_steps")
+
+    @property
+    def position(self) -> dict:
+        return {"pos": self.pos, "state": None if self.state is None else tuple(s.cpu() for s in self.state)}
+
+    @position.setter
+    def position(self, position: dict):
+        self.pos, self.state = position["pos"], position["state"]
+
+    def __next__(self) -> dict:
+        """Both streams' next window: characters (B, T, 50), the next words' softmax ids (B, T), the state (h0, c0)."""
+        if self.pos + self.unroll_steps + 1 > self.fwd.size(1):
+            self.pos = 0  # a new epoch: the rows start over, the state carries on
+        fwd, bwd = (rows[:, self.pos:self.pos + self.unroll_steps + 1] for rows in (self.fwd, self.bwd))
+        self.pos, t = self.pos + self.unroll_steps, self.table
+        batch = {"fwd_chars": t.chars[fwd[:, :-1]], "fwd_targets": t.softmax_id[fwd[:, 1:]],
+                 "bwd_chars": t.chars[bwd[:, :-1]], "bwd_targets": t.softmax_id[bwd[:, 1:]]}
+        return batch if self.state is None else {**batch, "h0": self.state[0], "c0": self.state[1]}
 
 # Copied from gpt.py: read_tsv
-def read_tsv(path: Path, header: bool) -> list[tuple[str, str]]:
-    """Rows of (label, text). GLUE layout (header: `sentence<TAB>label`) or `label<TAB>text` (no header;
-    the text may contain tabs)."""
-    rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip() or (header and n == 1):
-            continue
-        if header:
-            text, _, label = line.rpartition("\t")
-        else:
-            label, _, text = line.partition("\t")
-        if not text.strip() or not label.strip():
-            raise UserError(f"{path}:{n}: expected {'sentence<TAB>label' if header else 'label<TAB>text'}")
-        rows.append((label.strip(), text))
-    if not rows:
-        raise UserError(f"{path} holds no examples")
+def read_tsv(path: Path) -> list[tuple[str, str]]:
+    """(label, text) rows of GLUE's `sentence<TAB>label` after a header, or of `label<TAB>text` (tabs in text)."""
+    lines, rows = read_text(path).split("\n"), []
+    glue = lines[0].startswith("sentence\t")
+    for n, line in enumerate(lines[glue:], 1 + glue):
+        text, _, label = line.rpartition("\t") if glue else line.partition("\t")[::-1]
+        require(text.strip() and label.strip() or not line.strip(), f"{path}:{n}: expected "
+                f"{'sentence<TAB>label' if glue else 'label<TAB>text'}")
+        rows += [(label.strip(), text)] if line.strip() else []
     return rows
-
 
 # Copied from gpt.py: synthetic_sentiment
 def synthetic_sentiment(n: int, seed: int) -> list[tuple[str, str]]:
-    """A small generated sentiment task: short reviews whose label (1 positive, 0 negative) is the
-    polarity of their one sentiment word among neutral filler. Deterministic in seed."""
-    rng = random.Random(seed)
-    good = ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "sharp"]
-    bad = ["bad", "dull", "awful", "boring", "clumsy", "tedious", "weak", "messy"]
+    """Generated reviews whose label (1 positive, 0 negative) is their one sentiment word's polarity; seeded."""
+    rng, rows = random.Random(seed), []
+    words = [["bad", "dull", "awful", "boring", "clumsy", "tedious", "weak", "messy"],
+             ["good", "great", "wonderful", "moving", "funny", "brilliant", "charming", "sharp"]]
     things = ["film", "plot", "cast", "script", "ending", "score", "story", "director"]
-    rows = []
-    for _ in range(n):
-        label = rng.randrange(2)
-        rows.append((str(label), f"the {rng.choice(things)} was {rng.choice(good if label else bad)} "
-                                 f"and the {rng.choice(things)} {rng.choice(['was', 'felt', 'seemed'])} "
-                                 f"{rng.choice(['long', 'short', 'new', 'old'])}"))
+    for y in (rng.randrange(2) for _ in range(n)):
+        rows.append((str(y), f"the {rng.choice(things)} was {rng.choice(words[y])} and the {rng.choice(things)} "
+                             f"{rng.choice(['was', 'felt', 'seemed'])} {rng.choice(['long', 'short', 'new', 'old'])}"))
     return rows
-
 
 # Copied from gpt.py: load_classification
 def load_classification(data: str, seed: int):
-    """(name, train rows, dev rows) of (label, text). sst2: GLUE's train.tsv and dev.tsv (the test split
-    has no labels). A folder: train.tsv and dev.tsv as `label<TAB>text`. builtin: synthetic."""
-    if data == "sst2":
-        root = download("sst2", DATASETS["sst2"])
-        if root is None:
-            log0("offline: falling back to the built-in synthetic sentiment task instead of sst2")
-            data = "builtin"
-        else:
-            return "sst2", read_tsv(root / "train.tsv", True), read_tsv(root / "dev.tsv", True)
+    """(name, train rows, dev rows): SST-2's or a folder's train.tsv and dev.tsv (GLUE's SST-2 test has no labels);
+    builtin and offline: a generated synthetic task."""
+    if data in DATASETS:
+        data = str(download(data, "the built-in synthetic sentiment task") or "builtin")
     if data == "builtin":
-        log0("fine-tuning on the built-in SYNTHETIC sentiment task (generated, not real reviews)")
+        log0("the built-in SYNTHETIC sentiment task (generated, not real reviews)")
         return "builtin-synthetic", synthetic_sentiment(2000, seed), synthetic_sentiment(400, seed + 1)
-    path = Path(data)
-    if not path.is_dir():
-        raise UserError(f"unknown classification data {data!r}: use sst2, builtin or a folder with "
-                        "train.tsv and dev.tsv")
-    glue = (path / "train.tsv").is_file() and read_text(path / "train.tsv").startswith("sentence\t")
-    return path.name, read_tsv(path / "train.tsv", glue), read_tsv(path / "dev.tsv", glue)
+    require(Path(data).is_dir(), f"classification data {data!r} is neither sst2, builtin nor a folder")
+    train, dev = read_tsv(Path(data) / "train.tsv"), read_tsv(Path(data) / "dev.tsv")
+    require(train and dev, f"{data}: train.tsv and dev.tsv must hold examples")
+    return Path(data).name, train, dev
 
-
-def encode_classification(rows, words: dict, labels: dict, split: str):
-    """(tokens, word ids, label id) per example; words outside the task vocabulary map to <unk> (1)."""
-    examples, unknown = [], 0
-    for label, text in rows:
-        if label not in labels:
-            if split == "train":
-                raise UserError(f"label {label!r} in the {split} data is not one of {sorted(labels)}")
-            unknown += 1
-        tokens = text.split()
-        examples.append((tokens, [words.get(w, 1) for w in tokens], labels.get(label, -1)))
-    if unknown:
-        log0(f"warning: {unknown} {split} examples have labels unseen in training; counted as errors")
-    return examples
-
-
-def collate(examples, pad_id: int = 0) -> dict:
-    T = max(len(ids) for _, ids, _ in examples)
-    word_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    for i, (_, ids, _) in enumerate(examples):
-        word_ids[i, :len(ids)] = torch.tensor(ids)
-    return {"word_ids": word_ids, "chars": batch_chars([tokens for tokens, _, _ in examples]),
-            "lengths": torch.tensor([len(ids) for _, ids, _ in examples]),
-            "labels": torch.tensor([y for _, _, y in examples])}
-
+def collate(examples: list[dict]) -> dict:
+    """Right-padded word ids (B, T) and characters (B, T, 50), lengths (B,) and labels (B,)."""
+    lengths = [len(e["ids"]) for e in examples]
+    return {"word_ids": torch.tensor([e["ids"] + [0] * (max(lengths) - len(e["ids"])) for e in examples]),
+            "chars": batch_chars([e["tokens"] for e in examples]), "lengths": torch.tensor(lengths),
+            "labels": torch.tensor([e["label"] for e in examples])}
 
 # Copied from gpt.py: EpochSampler
 class EpochSampler:
-    """Shuffled minibatches, a new permutation per epoch (seeded); every rank gets the same number of
-    batches, each its own slice. The data position saved in checkpoints is (epoch, batch index)."""
+    """Shuffled minibatches of collate(examples), a new permutation each epoch, each rank its own slice of every
+    batch and as many batches as the others. `position` counts the batches drawn."""
 
-    def __init__(self, examples, batch_size, seed, rank=0, world=1):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.rank, self.world = rank, world
-        self.per_epoch = max(1, len(examples) // (batch_size * world))
-        self.epoch, self.index = 0, 0
-        self.order, self.order_epoch = [], None
+    def __init__(self, examples: list, batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed, self.position = examples, batch_size, seed, 0
+        self.per_epoch = max(1, len(examples) // (batch_size * WORLD))
 
     def __next__(self) -> dict:
-        if self.index == self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self.order_epoch != self.epoch:  # one permutation per epoch, derived from the epoch
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            self.order, self.order_epoch = torch.randperm(len(self.examples), generator=gen).tolist(), self.epoch
-        start = (self.index * self.world + self.rank) * self.batch_size
-        self.index += 1
-        return collate([self.examples[i] for i in self.order[start:start + self.batch_size]])
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state):
-        self.epoch, self.index = state["epoch"], state["index"]
-
+        (epoch, index), self.position = divmod(self.position, self.per_epoch), self.position + 1
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = (index * WORLD + RANK) * self.batch_size
+        return collate([self.examples[i] for i in order[start:start + self.batch_size].tolist()])
 
 # -----------------------------------------------------------------------------------------------------
-# Training loop: device and precision, DDP, optimizer and schedule, checkpoints, logging
+# Stages: pretrain (section 3.1 and bilm-tf's recipe), task (sections 3.2-3.3), embed
 
+def bilm_tf_adagrad(model: nn.Module, cfg: Config) -> tuple[torch.optim.Adagrad, float]:
+    """bilm-tf's optimiser for the gradient g of the mean loss, and the norm to clip g at. bilm-tf differentiates the
+    loss times k = unroll_steps, clips that at global norm c, runs Adagrad (TensorFlow's: no epsilon) from accumulator
+    a. As clip(k g, c) = k clip(g, c/k) and k g / sqrt(a + sum (k g)^2) = g / sqrt(a/k^2 + sum g^2), Adagrad from a/k^2
+    with g clipped at c/k makes the same updates, at any k."""
+    return torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=0.0,  # a = 1
+                               initial_accumulator_value=1.0 / cfg.unroll_steps ** 2), cfg.grad_clip / cfg.unroll_steps
 
-# Copied from gpt.py: setup_device
-def setup_device(cfg) -> tuple[torch.device, torch.dtype, contextlib.AbstractContextManager]:
-    """Device (auto: cuda, then mps, then cpu) and autocast dtype (auto: bf16 where supported)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is available")
-        name = f"cuda:{local_rank}" if name == "cuda" else name
-        torch.cuda.set_device(name)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available")
-    device = torch.device(name)
+def load_pretrained(cfg: Config, resumed: dict | None = None) -> tuple[BiLM, list | None, Config]:
+    """(biLM, softmax vocabulary, cfg with its architecture) of --init_from or of a resumed run (the loop loads it)"""
+    require(resumed or cfg.init_from, "needs --init_from a pretrained biLM (an elmo.py pretrain ckpt.pt or "
+            "allennlp:OPTIONS_JSON,WEIGHTS_HDF5); task --no-use_elmo trains the baseline without one")
+    if cfg.init_from.startswith("allennlp:") and not resumed:
+        return load_allennlp(*cfg.init_from.removeprefix("allennlp:").partition(",")[::2], cfg)
+    ckpt = resumed or load_checkpoint(cfg.init_from, ("pretrain",))
+    arch = ckpt["bilm_config"] if ckpt["stage"] == "task" else ckpt["config"]  # a resumed task: its biLM's
+    cfg = dataclasses.replace(cfg, **{k: arch[k] for k in ARCH_FIELDS})
+    model = build_model(cfg)
+    resumed or model.load_state_dict(ckpt["model"])
+    return model, ckpt.get("vocab"), cfg
+
+def load_allennlp(options_path: str, weights_path: str, cfg: Config) -> tuple[BiLM, None, Config]:
+    """An ELMo options file's biLM with its TensorFlow hdf5 weights: (in, out) kernels transposed, character 0 zero."""
+    require(options_path and weights_path, "--init_from allennlp: needs OPTIONS_JSON,WEIGHTS_HDF5")
+    require(importlib.util.find_spec("h5py"), "reading the released ELMo weights needs h5py: pip install h5py")
+    try:
+        lstm, cnn = (json.loads(read_text(options_path))[k] for k in ("lstm", "char_cnn"))
+        require(cnn.get("activation", "relu") == "relu" and cnn["max_characters_per_token"] == MAX_CHARS,
+                f"{options_path}: only relu character CNNs over {MAX_CHARS} characters are supported")
+        cfg = dataclasses.replace(cfg, char_embed_dim=cnn["embedding"]["dim"], n_highway=cnn["n_highway"], vocab_size=0,
+            filters=",".join(f"{w}x{n}" for w, n in cnn["filters"]), n_layer=lstm["n_layers"], lstm_dim=lstm["dim"],
+            proj_dim=lstm["projection_dim"], cell_clip=float(lstm.get("cell_clip") or math.inf),
+            proj_clip=float(lstm.get("proj_clip") or math.inf), residual=bool(lstm.get("use_skip_connections")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{options_path} is not an ELMo options file ({e.__class__.__name__}: {e})") from None
+    h5py, model, state = importlib.import_module("h5py"), build_model(cfg), {}
+    require(h5py.is_hdf5(weights_path), f"{weights_path} does not exist or is not an hdf5 file")
+
+    def w(name):  # one TensorFlow weight
+        require(name in f, f"{weights_path} has no weight {name}; do the options match the weights?")
+        return torch.from_numpy(np.asarray(f[name], dtype=np.float32))
+    with h5py.File(weights_path, "r") as f:
+        state["token_embedder.char_embed.weight"] = F.pad(w("char_embed"), (0, 0, 1, 0))
+        for i in range(len(model.token_embedder.convs)):
+            state[f"token_embedder.convs.{i}.weight"] = rearrange(w(f"CNN/W_cnn_{i}")[0], "w e n -> n e w")
+            state[f"token_embedder.convs.{i}.bias"] = w(f"CNN/b_cnn_{i}")
+        for i in range(cfg.n_highway):
+            for part in ("transform", "carry"):
+                tf, ours = f"CNN_high_{i}/", f"token_embedder.{part}.{i}."
+                state[ours + "weight"], state[ours + "bias"] = w(f"{tf}W_{part}").T, w(f"{tf}b_{part}")
+        if isinstance(model.token_embedder.proj, nn.Linear):
+            state["token_embedder.proj.weight"] = w("CNN_proj/W_proj").T
+            state["token_embedder.proj.bias"] = w("CNN_proj/b_proj")
+        for d in range(2):
+            for j in range(cfg.n_layer):
+                tf, ours = f"RNN_{d}/RNN/MultiRNNCell/Cell{j}/LSTMCell/", f"stacks.{d}.{j}."
+                state[ours + "kernel.weight"], state[ours + "kernel.bias"] = w(tf + "W_0").T, w(tf + "B")
+                state[ours + "proj.weight"] = w(tf + "W_P_0").T
+    wrong = [f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items() if state[k].shape != v.shape]
+    require(not wrong, f"{weights_path} does not fit {options_path}: expected {', '.join(wrong[:1])}")
+    model.load_state_dict(state)
+    return model, None, cfg
+
+def pretrain(cfg: Config) -> dict:
+    """the biLM on --data: packed sentence streams, the LSTM state carried between batches (bilm-tf)"""
+    ckpt = open_run(cfg, "pretrain", ARCH_FIELDS + ("data", "batch_size", "unroll_steps"))
+    device, _, _ = setup(cfg)
+    name, train_text, val_text = load_lm_text(cfg.data)
+    train_words, val_words = sentence_stream(train_text), sentence_stream(val_text)
+    model, vocab, cfg = load_pretrained(cfg, ckpt) if ckpt or cfg.init_from else (None, None, cfg)
+    require(model is None or vocab, f"{cfg.init_from} has no softmax vocabulary to continue pretraining with")
+    table = WordTable(vocab, train_words, val_words, cfg.vocab_size)
+    cfg = dataclasses.replace(cfg, vocab_size=len(table.vocab))
+    batches, val = (StreamSampler(words, table, cfg.batch_size, cfg.unroll_steps, split)
+                    for words, split in ((train_words, "training"), (val_words, "validation")))
+    model = (model or build_model(cfg)).to(device)
+    unk, n_params = (table.softmax_id[batches.fwd] == 2).float().mean(), sum(p.numel() for p in model.parameters())
+    log0(f"pretraining on {name}: {len(train_words):,} train / {len(val_words):,} val words, vocab {cfg.vocab_size} "
+         f"({unk:.1%} of training words <UNK>), {n_params / 1e6:.2f}M parameters")
+
+    def evaluate(m):  # the full softmax; the validation stream carries its own state, from zeros
+        val.position, n = {"pos": 0, "state": None}, min(val.windows, cfg.eval_batches or val.windows)
+        loss = sum(pretrain_loss(m, {k: v.to(device) for k, v in next(val).items()}, val).item() for _ in range(n)) / n
+        return {"loss": loss, "ppl": math.exp(min(loss, 700))}
+
+    opt, clip = bilm_tf_adagrad(model, cfg)
+    return train_loop(dataclasses.replace(cfg, grad_clip=clip), "pretrain", model, opt, None, batches,
+                      lambda m, b: pretrain_loss(m, b, batches), evaluate, ckpt, total=cfg.total_steps,
+                      tokens=cfg.batch_size * cfg.unroll_steps * cfg.grad_accum, flops=model.flops_per_token(),
+                      extra={"vocab": table.vocab})
+
+def task(cfg: Config) -> dict:
+    """the BiLSTM classifier on --task_data with ELMo from a frozen biLM (--init_from), or without (--no-use_elmo)"""
+    ckpt = open_run(cfg, "task", ("task_data", "task_embed_dim", "task_hidden"))
+    device, _, _ = setup(cfg)
+    require(not ckpt or ckpt["config"]["use_elmo"] == cfg.use_elmo, f"{cfg.out_dir} holds a run with --use_elmo "
+            f"{not cfg.use_elmo}; resume it so (--{'no-' if cfg.use_elmo else ''}use_elmo)")
+    bilm, _, bilm_cfg = load_pretrained(cfg, ckpt) if cfg.use_elmo else (None, None, None)
+    name, train_rows, dev_rows = load_classification(cfg.task_data, cfg.seed)
+    label_list = ckpt["labels"] if ckpt else sorted({label for label, _ in train_rows})
+    word_list = ckpt["words"] if ckpt else ["<pad>", "<unk>"] + sorted({w for _, t in train_rows for w in t.split()})
+    labels, words = {y: i for i, y in enumerate(label_list)}, {w: i for i, w in enumerate(word_list)}
+    unseen = [[y for y, _ in rows if y not in labels] for rows in (train_rows, dev_rows)]
+    require(not unseen[0], f"training label {unseen[0][:1]} is not one of {label_list}")
+    unseen[1] and log0(f"warning: {len(unseen[1])} dev examples have labels unseen in training; counted as errors")
+    train, dev = ([{"tokens": t.split(), "ids": [words.get(w, 1) for w in t.split()], "label": labels.get(y, -1)}
+                   for y, t in rows] for rows in (train_rows, dev_rows))  # unknown words: <unk>; labels: -1, wrong
+    model = Classifier(cfg, len(word_list), len(labels), bilm).to(device)
+    batches = EpochSampler(train, cfg.task_batch_size, cfg.seed)
+    total = max(1, math.ceil(batches.per_epoch * cfg.task_epochs))
+    log0(f"task on {name}: {len(train)} train / {len(dev)} dev, {total} steps, {'with' if bilm else 'no'} ELMo")
+
+    def evaluate(m):  # over the whole dev set; an unseen label (-1) counts as an error
+        parts = (collate(dev[i:i + cfg.task_batch_size]) for i in range(0, len(dev), cfg.task_batch_size))
+        logits = torch.cat([m(*(b[k].to(device) for k in ("word_ids", "chars", "lengths"))) for b in parts]).float()
+        gold = torch.tensor([e["label"] for e in dev], device=device)
+        loss = F.cross_entropy(logits[gold >= 0], gold[gold >= 0], reduction="sum").item() / len(dev)
+        return {"loss": loss, "acc": (logits.argmax(-1) == gold).float().mean().item()}
+
+    tokens = round(cfg.task_batch_size * cfg.grad_accum * sum(len(e["ids"]) for e in train) / len(train))
+    params = [p for p in model.parameters() if p.requires_grad]  # the frozen biLM runs forward only: a third
+    flops = 6.0 * sum(p.numel() for p in params) + (bilm.flops_per_token() / 3 if bilm else 0.0)
+    extra = {"labels": label_list, "words": word_list, "bilm_config": bilm_cfg and dataclasses.asdict(bilm_cfg)}
+    opt, loss_fn = torch.optim.Adam(params, cfg.task_lr), lambda m, b: task_loss(m, b, cfg.l2_coef)
+    return {"data": name, **train_loop(dataclasses.replace(cfg, grad_clip=5.0), "task", model, opt, None, batches,
+                                       loss_fn, evaluate, ckpt, total=total, tokens=tokens, flops=flops, metric="acc",
+                                       extra=extra)}
+
+def embed(cfg: Config) -> dict:
+    """ELMo's layers for every line of --embed_file into out_dir/elmo.hdf5, as AllenNLP's `elmo` command"""
+    require(cfg.embed_file, "embed needs --embed_file: a text file with one whitespace-tokenised sentence per line")
+    require(importlib.util.find_spec("h5py"), "embed writes hdf5 (as AllenNLP) with h5py: pip install h5py")
+    lines = read_text(cfg.embed_file).removesuffix("\n").split("\n")  # an empty line gets an empty array
+    model, _, cfg = load_pretrained(cfg)
+    # The vectors are what a user keeps: `auto` computes them in fp32 (bf16 would round them away from the released
+    # model's); --dtype bfloat16 asks for the faster, rounded ones explicitly.
+    device, _, ctx = setup(dataclasses.replace(cfg, dtype="float32" if cfg.dtype == "auto" else cfg.dtype))
+    model, out = model.to(device).eval(), Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), ctx, importlib.import_module("h5py").File(out / ".elmo.hdf5.tmp", "w") as f:
+        for i in range(0, len(lines), cfg.batch_size):
+            sentences = [line.split() for line in lines[i:i + cfg.batch_size]]
+            layers, _, _ = model.activations(batch_chars(sentences).to(device))  # from a zero state
+            for k, words in enumerate(sentences):
+                f.create_dataset(str(i + k), data=layers[k, :, :len(words)].float().cpu().numpy())  # (L+1, n, 2P)
+    os.replace(out / ".elmo.hdf5.tmp", out / "elmo.hdf5")  # a finished file or none
+    log0(f"wrote ELMo layers (layers, tokens, {2 * cfg.proj_dim}) of {len(lines)} lines to {out / 'elmo.hdf5'}")
+    return {"path": str(out / "elmo.hdf5"), "sentences": len(lines)}
+
+def main_job(cfg: Config) -> dict:
+    """pretrain into out_dir/pretrain, then the task with ELMo (out_dir/task) and without it (out_dir/baseline)"""
+    root = Path(cfg.out_dir)
+    lm = pretrain(dataclasses.replace(cfg, out_dir=str(root / "pretrain")))
+    elmo = task(dataclasses.replace(cfg, out_dir=str(root / "task"), init_from=str(root / "pretrain" / "ckpt.pt")))
+    base = task(dataclasses.replace(cfg, out_dir=str(root / "baseline"), use_elmo=False))
+    log0(f"claim: {elmo['data']} dev acc {elmo['acc']:.4f} with ELMo vs {base['acc']:.4f} without (same classifier; "
+         f"biLM validation perplexity {lm['ppl']:.1f})")
+    return {"ppl": lm["ppl"], "acc_elmo": elmo["acc"], "acc_baseline": base["acc"]}
+
+# ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
+# Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.
+
+SCRIPT = Path(__file__).name  # written into checkpoints: each script reads only its own
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),
+        (torch.get_rng_state, torch.set_rng_state), (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+log0 = functools.partial(print, flush=True) if RANK == 0 else lambda *args, **kwargs: None  # rank 0 speaks
+
+class UserError(Exception):
+    """Bad input: main() prints it as one line `error: ...` and exits with status 2."""
+
+def require(ok, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+def download(name: str, fallback: str) -> Path | None:
+    """The cache folder of DATASETS[name], each file downloaded once and checked against its sha256.
+    Without a network: one line saying that `fallback` is used instead, and None."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nlp-lineage"
+    root = Path(os.environ.get("NLP_LINEAGE_CACHE") or cache) / name
+    for fname, (url, sha) in DATASETS[name].items():
+        if not (root / fname).exists():
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    data = r.read()
+            except OSError as e:
+                return log0(f"offline ({e.__class__.__name__}): using {fallback} instead of {name}")
+            require(hashlib.sha256(data).hexdigest() == sha, f"{url} does not match its known sha256; not used")
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f"{fname}.{os.getpid()}").write_bytes(data)
+            os.replace(root / f"{fname}.{os.getpid()}", root / fname)
+    return root
+
+def read_text(path) -> str:
+    """A UTF-8 text file with \\n line ends. Split it at \\n only: U+2028, NEL and such may stand in a sentence."""
+    require(Path(path).is_file(), f"data file {path} does not exist")
+    try:
+        text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    require(text.strip(), f"data file {path} is empty")
+    return text
+
+def setup(cfg) -> tuple[torch.device, torch.dtype, torch.autocast]:
+    """Device (auto: cuda, mps, cpu), autocast dtype (auto: bf16 where the device runs it fast, else fp32;
+    NLP_LINEAGE_AUTO_DTYPE in the environment sets what auto means), TF32, and under torchrun DDP."""
+    name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else \
+        "mps" if torch.backends.mps.is_available() else "cpu"
+    require(re.fullmatch(r"cpu|mps|cuda(:\d+)?", name), f"--device must be auto, cpu, cuda[:N] or mps, not {name!r}")
+    require(name == "cpu" or (torch.backends.mps if name == "mps" else torch.cuda).is_available(), f"no {name} here")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 matmuls on CUDA
+    device.type == "cuda" and torch.cuda.set_device(device)
     dtype = cfg.dtype if cfg.dtype != "auto" else os.environ.get("NLP_LINEAGE_AUTO_DTYPE", "auto")
     if dtype == "auto":
-        cpu_bf16 = device.type == "cpu" and any(
-            f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16")
-        ) if Path("/proc/cpuinfo").exists() else False
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if cpu_bf16 or gpu_bf16 else "float32"
-    pt_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = (contextlib.nullcontext() if pt_dtype == torch.float32
-           else torch.autocast(device_type=device.type, dtype=pt_dtype))
-    return device, pt_dtype, ctx
-
-
-# Copied from gpt.py: setup_ddp
-def setup_ddp(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); under torchrun, joins the process group (NCCL on CUDA, Gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else "avx512_bf16" in cpu or "amx_bf16" in cpu
+        dtype = "bfloat16" if fast and device.type != "mps" else "float32"
+    require(dtype in ("float32", "bfloat16", "float16"), f"NLP_LINEAGE_AUTO_DTYPE must be a --dtype, not {dtype!r}")
+    if WORLD > 1 and not dist.is_initialized():  # one process group for all the stages of a main job
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)  # one group for all of a main job's stages
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+        atexit.register(dist.destroy_process_group)
+    return device, getattr(torch, dtype), torch.autocast(device.type, getattr(torch, dtype), enabled=dtype != "float32")
 
-
-def make_optimizer(model: nn.Module, lr, weight_decay, betas, eps, device) -> torch.optim.Optimizer:
-    """The biLM: Adagrad as bilm-tf (its initial accumulator from the model's config). Task models: AdamW
-    with decoupled weight decay on matrices only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if isinstance(model, BiLM):
-        return torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=model.cfg.adagrad_init,
-                                   weight_decay=weight_decay, eps=1e-10)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
-
-
-def lr_lambda(warmup: int, total: int, floor: float, shape: str):
-    """Multiplier of the peak lr: linear warmup from 0, then constant (bilm-tf's Adagrad) or cosine decay to
-    `floor` (min_lr / lr) at the end of the schedule."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if shape == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-# Copied from gpt.py: rng_state
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-# Copied from gpt.py: set_rng_state
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# Copied from gpt.py: save_checkpoint
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file, fsync it, then rename over the old checkpoint."""
+    """Atomic: a temporary file, fsync, then a rename over the old one; a crash leaves one or the other."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # a failed write leaves this, never a broken checkpoint
     with open(tmp, "wb") as f:
         torch.save(state, f)
-        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
-# Copied from gpt.py: load_checkpoint
-def load_checkpoint(path: str) -> dict:
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+def load_checkpoint(path, stages=()) -> dict:
+    """A checkpoint that this script wrote, of one of `stages` (any, when empty); anything else is one line."""
+    require(Path(path).is_file(), f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+    script = ckpt.get("script", "another program") if isinstance(ckpt, dict) else "another program"
+    require(script == SCRIPT, f"{path} was written by {script}, not by {SCRIPT}")
+    stage = ckpt.get("stage")
+    require(not stages or stage in stages, f"{path} is a {stage} checkpoint, not {' or '.join(stages)}")
+    return ckpt
 
-
-# Copied from gpt.py: check_compatible
-def check_compatible(ckpt: dict, cfg, script: str, fields=None) -> None:
-    """A checkpoint must come from this script and, for the architecture fields, the same model."""
-    if ckpt.get("script") != script:
-        raise UserError(f"checkpoint was written by {ckpt.get('script', 'another program')}, not {script}")
-    for name in fields if fields is not None else ARCH_FIELDS:
-        theirs, ours = ckpt["config"].get(name), getattr(cfg, name)
-        if theirs != ours:
-            raise UserError(f"checkpoint has {name}={theirs} but this run has {name}={ours}; "
-                            "use the checkpoint's architecture")
-
-
-# Copied from gpt.py: MetricsLog
-class MetricsLog:
-    """One line per record on stdout (rank 0) and one JSON object per line in out_dir/metrics.jsonl."""
-
-    def __init__(self, out_dir: Path, rank: int):
-        self.path, self.rank = out_dir / "metrics.jsonl", rank
-
-    def __call__(self, **rec):
-        if self.rank:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-              flush=True)
-
-
-# Copied from gpt.py: measure_peak_flops
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul FLOP/s of this device in this dtype: the denominator of MFU."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # no random numbers: resume stays exact
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ a
-    sync()
-    reps, t0 = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-# Copied from gpt.py: run_training with gpt.py->elmo.py
-def run_training(cfg: Config, stage: str, model: nn.Module, sampler, loss_fn, evaluate, total_steps: int,
-                 lr: float, warmup: int, shape: str, extra: dict, tokens_per_step: int,
-                 flops_per_token: float) -> dict:
-    """The loop shared by pretraining and fine-tuning: AdamW + schedule, accumulation with DDP sync on the
-    last micro-step, clipping, bf16/fp16 autocast, evaluation and atomic checkpoints, exact resume."""
-    device, dtype, ctx = setup_device(cfg)
-    rank, world = setup_ddp(device)
+def open_run(cfg, stage: str, fields=()) -> dict | None:
+    """The start of a training stage: seed, check out_dir before anything is read or written, and with
+    --resume return its checkpoint, which must agree on `fields` (but those at 0 or "": derived from the data)."""
+    for seed in (torch.manual_seed, random.seed, np.random.seed):
+        seed(cfg.seed + RANK)
     out = Path(cfg.out_dir)
-    model.to(device)
-    opt = make_optimizer(model, lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), 1e-8, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total_steps, cfg.min_lr / cfg.lr
-                                                             if shape == "cosine" else 0.0, shape))
+    parent = next(p for p in (out, *out.parents) if p.exists())  # out_dir, or the folder it will be made in
+    require(parent.is_dir() and os.access(parent, os.W_OK), f"--out_dir {out} is not a folder that can be written")
+    require(cfg.resume or not (out / "ckpt.pt").exists(), f"{out} holds a run: continue it with --resume or give "
+            "another --out_dir")
+    ckpt = load_checkpoint(out / "ckpt.pt", (stage,)) if cfg.resume else None
+    for f in [f for f in fields if ckpt and (v := getattr(cfg, f)) != ckpt["config"].get(f) and (v or v is False)]:
+        raise UserError(f"{out} was trained with --{f} {ckpt['config'].get(f)}, not {getattr(cfg, f)}")
+    return ckpt
+
+def log_metrics(out, text: str, **record) -> None:
+    """`text` for people on stdout, and `record` as one JSON line in out_dir/metrics.jsonl (rank 0 only)."""
+    if RANK == 0:
+        print(text, flush=True)
+        with open(Path(out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, evaluate, ckpt=None, *,
+               total: int, tokens: int, flops=0.0, extra=None, metric="loss", patience=0, keep_best=False,
+               on_step=None, clip=None) -> dict:
+    """Every training stage: `total` steps (--max_steps stops early) of grad_accum batches (DDP syncs on the
+    last) through loss_fn(model, batch) under autocast, clipping (each group of clip(model) alone), opt, sched.
+    Every eval_interval steps and at the end: evaluate(model) -> metrics, an atomic checkpoint (keep_best: and
+    best.pt when `metric` improves; `patience` evaluations without that stop the run). on_step(step) starts a
+    step; True: it changed which parameters train. batches.position is all --resume needs of the data (any state
+    carried between batches too) to continue exactly. Ctrl-C: the step completes, is saved, then exit 130."""
+    device, dtype, ctx = setup(cfg)
+    raw, out, t0, higher = model, Path(cfg.out_dir), time.time(), metric in ("acc", "f1", "bleu")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, best = 0, None
-    if cfg.resume:
-        ckpt = load_checkpoint(str(out / "ckpt.pt"))
-        check_compatible(ckpt, cfg, "elmo.py")
-        if ckpt["stage"] != stage:
-            raise UserError(f"{out / 'ckpt.pt'} is a {ckpt['stage']} checkpoint, not {stage}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["data"][rank] if world == len(ckpt["data"]) else ckpt["data"][0])
-        set_rng_state(ckpt["rng"])
-        step, best = ckpt["step"], ckpt["best"]
+    parts = {"model": raw, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    step, best, stale = (ckpt["step"], ckpt["best"], ckpt["stale"]) if ckpt else (0, None, 0)
+    if ckpt:
+        for key, part in parts.items():
+            part and part.load_state_dict(ckpt[key])
+        mine = ckpt["data"][RANK if len(ckpt["data"]) == WORLD else 0]
+        batches.position = mine["position"]
+        for (_, put), state in zip(RNGS, mine["rng"]):
+            put(state)
         log0(f"resumed {stage} from {out / 'ckpt.pt'} at step {step}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    log = MetricsLog(out, rank)
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
-    peak = measure_peak_flops(device, dtype) if rank == 0 else 1.0
+    RANK == 0 and out.mkdir(parents=True, exist_ok=True)
+    a, sync = torch.full((1024, 1024), 0.5, device=device, dtype=dtype), getattr(torch, device.type).synchronize
+    a @ a, sync()  # a warm-up, then the measured matmul peak: MFU's denominator
+    t_peak = time.perf_counter()
+    [a @ a for _ in range(5)], sync()
+    peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t_peak)
 
-    def checkpoint(data_state=None, rng=None):
-        data = [data_state or sampler.state_dict()]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, data[0])
-            data = gathered
-        if rank == 0:
-            save_checkpoint(out / "ckpt.pt", {
-                "script": "elmo.py", "stage": stage, "model": raw.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step, "data": data,
-                "rng": rng or rng_state(), "config": dataclasses.asdict(cfg), "best": best, **extra})
-
-    def run_eval():
-        nonlocal best
-        raw.eval()
+    def wrap():  # DDP registers the parameters that train now
+        m = torch.compile(raw) if cfg.compile else raw
+        return nn.parallel.DistributedDataParallel(m) if WORLD > 1 else m
+    def save(improved=False):  # every rank's data position and RNGs; rank 0 writes
+        data = [{"position": batches.position, "rng": [get() for get, _ in RNGS]}] * WORLD
+        WORLD > 1 and dist.all_gather_object(data, data[0])
+        state = {"script": SCRIPT, "stage": stage, "config": dataclasses.asdict(cfg), "step": step, "best": best,
+                 "stale": stale, "data": data, **(extra or {}), **{k: p.state_dict() for k, p in parts.items() if p}}
+        for path in [out / "ckpt.pt"] + [out / "best.pt"] * (keep_best and improved) if RANK == 0 else []:
+            save_checkpoint(path, state)
+            (out / "config.json").write_text(json.dumps(state["config"], indent=1))
+    def evaluate_and_save():
+        nonlocal best, stale
         with torch.no_grad(), ctx:
-            metrics = evaluate(raw, device)
+            metrics = evaluate(raw.eval())
         raw.train()
-        key = "acc" if "acc" in metrics else "loss"
-        better = best is None or (metrics[key] > best if key == "acc" else metrics[key] < best)
-        best = metrics[key] if better else best
-        log(step=step, split="val", **metrics)
+        require(all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)) and all(p.isfinite().all()
+                for p in raw.parameters()), f"{stage} diverged by step {step}; stopped, {out}/ckpt.pt is from before")
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        log_metrics(out, f"step {step}/{total} | val {shown}", step=step, split="val", **metrics)
+        improved = best is None or (metrics[metric] > best if higher else metrics[metric] < best)
+        best, stale = (metrics[metric], 0) if improved else (best, stale + 1)
+        save(improved)
         return metrics
+    on_sigint = lambda *_: stopping.append((signal.signal(signal.SIGINT, signal.default_int_handler),  # then a 2nd
+                                            log0("Ctrl-C: stopping after this step (again: stop at once, unsaved)")))
 
-    t0 = t_last = time.time()
-    at_step_start = (None, None)
-    start_step, metrics = step, {}
-    stop = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    model.train()
+    stopping, metrics, start, stop = [], {}, step, min(total, cfg.max_steps or total)
+    nonfinite = torch.zeros((), device=device)  # the first step whose loss was not finite, 0 if none
+    handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    model, hms, t_last, logged = wrap(), lambda s: f"{s // 60:.0f}:{s % 60:02.0f}", time.time(), step
     try:
         while step < stop:
-            at_step_start = sampler.state_dict(), rng_state()  # what Ctrl-C saves mid-step
+            if on_step and on_step(step):
+                model = wrap()
             for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in next(sampler).items()}
-                sync = micro == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), ctx:
-                    loss = loss_fn(model, batch)
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                with contextlib.nullcontext() if micro == cfg.grad_accum - 1 or WORLD == 1 else model.no_sync():
+                    with ctx:
+                        loss = loss_fn(model, batch)
                     scaler.scale(loss / cfg.grad_accum).backward()
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step}; stopped, the last good "
-                                f"checkpoint is {out / 'ckpt.pt'} (try a lower --lr)")
+                nonfinite = torch.where((nonfinite == 0) & ~loss.detach().isfinite(), step + 1.0, nonfinite)  # no sync
             scaler.unscale_(opt)
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            for group in (clip(raw) if clip else [raw.parameters()]) if cfg.grad_clip > 0 else []:
+                nn.utils.clip_grad_norm_([p for p in group if p.requires_grad], cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            sched.step()
+            sched and sched.step()
             step += 1
-            at_step_start = (None, None)  # the step is complete: Ctrl-C from here saves the current state
-            if step % cfg.log_interval == 0 or step == stop:
-                now = time.time()
-                n = (step - start_step - 1) % cfg.log_interval + 1
-                tok_s = n * tokens_per_step / max(now - t_last, 1e-9)
-                eta = (now - t0) / (step - start_step) * (stop - step)
-                log(step=step, split="train", loss=loss.item(), lr=sched.get_last_lr()[0], tok_s=round(tok_s),
-                    mfu=tok_s * flops_per_token / world / peak, elapsed=round(now - t0, 1), eta=round(eta, 1))
-                t_last = now
-            if step % cfg.eval_interval == 0 or step == stop:
-                metrics = run_eval() if rank == 0 else {}
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint(*at_step_start)
-        log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
-        return {"step": step, "interrupted": True}
-    if not metrics:  # resumed at the end of the schedule: nothing to train, evaluate once more
-        metrics = run_eval() if rank == 0 else {}
-    if world > 1:
-        dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
-    summary = {"step": step, **metrics}
-    log0("final " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
-    return summary
+            flag = torch.tensor(float(bool(stopping)), device=device if WORLD > 1 and device.type == "cuda" else "cpu")
+            WORLD > 1 and dist.all_reduce(flag, dist.ReduceOp.MAX)  # all ranks stop at the same step
+            evaluating = step % cfg.eval_interval == 0 or step == stop
+            if step % cfg.log_interval == 0 or evaluating or flag.item():
+                require(not nonfinite, f"the loss became {loss.item()} at step {nonfinite:.0f}; stopped, {out}/ckpt.pt "
+                        "(if any) is from before (try a lower learning rate)")
+                now, lr = time.time(), max(g["lr"] for g in opt.param_groups)
+                tok_s, logged = (step - logged) * tokens * WORLD / (now - t_last), step
+                eta, mfu, t_last = (now - t0) / (step - start) * (stop - step), tok_s * flops / WORLD / peak, now
+                text = f"loss {loss.item():.4g} | lr {lr:.1e} | {tok_s:,.0f} tok/s | mfu {mfu:.1%} | {hms(now - t0)}"
+                log_metrics(out, f"step {step}/{total} | {text} elapsed, eta {hms(eta)}", step=step, split="train",
+                            loss=loss.item(), lr=lr, tok_s=tok_s, mfu=mfu, elapsed=now - t0, eta=eta)
+            metrics = evaluate_and_save() if evaluating else metrics
+            if flag.item():
+                evaluating or save()
+                log0(f"interrupted: saved {out / 'ckpt.pt'} at step {step}; continue with --resume")
+                raise SystemExit(130)
+            if patience and stale >= patience and step < stop:
+                log0(f"early stopping at step {step}: no better dev {metric} in {patience} evaluations")
+                break
+    finally:
+        handler and signal.signal(signal.SIGINT, handler)
+    metrics = metrics or evaluate_and_save()  # resumed at the end of its schedule: evaluate once more
+    WORLD > 1 and dist.barrier()  # the checkpoint is on disk before any rank starts a next stage from it
+    return {"step": step, **metrics, "best": best}
 
+def parse_config(argv, stages: dict):
+    """`[STAGE] [--preset P] [--FIELD VALUE ...]`: a flag per Config field with its choices and its presets'
+    values, grouped and explained by Config's own comments; numbers must be finite."""
+    doc = "\n".join(f"  {n or '(none)':12} {fn.__doc__.strip().splitlines()[0]}" for n, fn in stages.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="stages:\n" + doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: require(False, message)  # one line, exit status 2
+    p.add_argument("stage", nargs="?", choices=[s for s in stages if s], help="what to run (none: the main job)")
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="the values of the fields below")
+    kinds, group = typing.get_type_hints(Config), p
+    for line in inspect.getsource(Config).splitlines():
+        if m := re.fullmatch(r"    # (.+)", line):
+            group = p.add_argument_group(m[1])
+        elif m := re.fullmatch(r"    (\w+): .+? = .+?(?:  # (.*))?", line):
+            kind = kinds[m[1]]
+            how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(
+                choices=typing.get_args(kind) or None, type=kind if kind in (int, float) else str)
+            vals = {name: repr(getattr(c, m[1])) for name, c in PRESETS.items()}
+            vals = ", ".join(f"{k} {v}" for k, v in vals.items()) if len(set(vals.values())) > 1 else vals["paper"]
+            group.add_argument(f"--{m[1]}", help=f"{m[2] or ''} [{vals}]".replace("%", "%%"), **how)
+    args = vars(p.parse_args(argv))
+    stage, preset = args.pop("stage"), args.pop("preset")
+    for k, v in args.items():
+        require(not isinstance(v, float) or math.isfinite(v), f"--{k} must be a finite number, not {v}")
+    return stage, dataclasses.replace(PRESETS[preset], **{k: v for k, v in args.items() if v is not None})
 
-def seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def pretrain(cfg: Config) -> dict:
-    """Stage `pretrain`: the biLM on packed sentence streams with carried state (bilm-tf's recipe)."""
-    seed_all(cfg.seed)
-    name, train_text, val_text = load_lm_text(cfg.data)
-    train_words, val_words = sentence_stream(train_text), sentence_stream(val_text)
-    model, vocab = None, None
-    if cfg.resume:
-        vocab = load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))["vocab"]
-    elif cfg.init_from:
-        model, vocab, cfg = load_pretrained(cfg)
-        if vocab is None:
-            raise UserError(f"{cfg.init_from} has no softmax word vocabulary, so it cannot continue "
-                            "pretraining; use it with embed or task")
-    vocab = vocab or build_vocab(train_words, cfg.vocab_size)
-    cfg = dataclasses.replace(cfg, vocab_size=len(vocab))
-    model = model or build_model(cfg)
-    table = WordTable(vocab, train_words + val_words)
-    train_ids, val_ids = table.ids(train_words), table.ids(val_words)
-    if len(val_ids) // cfg.batch_size <= cfg.unroll_steps + 1:
-        raise UserError(f"validation text has {len(val_ids)} words, too few for {cfg.batch_size} rows of "
-                        f"{cfg.unroll_steps + 1}; use more data or a smaller --batch_size or --unroll_steps")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sampler = StreamSampler(train_ids, table, cfg.batch_size, cfg.unroll_steps, rank, world)
-    model.stateful = True
-    n_params = sum(p.numel() for p in model.parameters())
-    unk = (table.softmax_id[train_ids] == 2).float().mean().item()
-    log0(f"pretraining on {name}: {len(train_ids):,} train / {len(val_ids):,} val words, vocab {len(vocab)} "
-         f"({unk:.1%} of training words <UNK>), {n_params / 1e6:.2f}M parameters "
-         f"({(n_params - cfg.vocab_size * (cfg.proj_dim + 1)) / 1e6:.2f}M without the softmax)")
-
-    def evaluate(m, device):
-        saved = m.state  # the carried training state waits while the validation stream is read
-        m.reset_states()
-        total, count = 0.0, 0
-        for b in eval_windows(val_ids, table, cfg.batch_size, cfg.unroll_steps, cfg.eval_batches):
-            b = {k: v.to(device) for k, v in b.items()}
-            total += pretrain_loss(m, b).item() * b["fwd_targets"].numel()
-            count += b["fwd_targets"].numel()
-        m.state = saved
-        return {"loss": total / count, "ppl": math.exp(total / count)}
-
-    return run_training(cfg, "pretrain", model, sampler, pretrain_loss, evaluate, cfg.total_steps, cfg.lr, 0,
-                        cfg.schedule, {"vocab": vocab}, cfg.batch_size * cfg.unroll_steps * cfg.grad_accum * world,
-                        model.flops_per_token())
-
-
-def task(cfg: Config) -> dict:
-    """Stage `task`: the BiLSTM classifier with ELMo from a frozen biLM (--init_from), or without it."""
-    seed_all(cfg.seed)
-    resume = Path(cfg.out_dir) / "ckpt.pt" if cfg.resume else None
-    ckpt = load_checkpoint(str(resume)) if resume else None
-    bilm = None
-    if ckpt is not None and (ckpt["bilm_config"] is None) == cfg.use_elmo:
-        raise UserError(f"{resume} was trained {'without' if cfg.use_elmo else 'with'} ELMo; "
-                        f"resume it with --{'no-' if cfg.use_elmo else ''}use_elmo")
-    if cfg.use_elmo:
-        if ckpt is not None:
-            bilm_cfg = dataclasses.replace(cfg, **ckpt["bilm_config"])
-            bilm = build_model(bilm_cfg)
-        elif not cfg.init_from:
-            raise UserError("task with ELMo needs --init_from a pretrained biLM (ckpt.pt or "
-                            "allennlp:OPTIONS_JSON,WEIGHTS_HDF5), or --no-use_elmo for the baseline")
-        else:
-            bilm, _, bilm_cfg = load_pretrained(cfg)
-    name, train_rows, dev_rows = load_classification(cfg.task_data, cfg.seed)
-    label_list = ckpt["labels"] if ckpt else sorted({label for label, _ in train_rows})
-    labels = {label: i for i, label in enumerate(label_list)}
-    word_list = ckpt["words"] if ckpt else ["<pad>", "<unk>"] + sorted({w for _, t in train_rows for w in t.split()})
-    words = {w: i for i, w in enumerate(word_list)}
-    train = encode_classification(train_rows, words, labels, "train")
-    dev = encode_classification(dev_rows, words, labels, "dev")
-    model = Classifier(cfg, len(word_list), len(labels), bilm)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sampler = EpochSampler(train, cfg.task_batch_size, cfg.seed, rank, world)
-    total = max(1, math.ceil(sampler.per_epoch * cfg.task_epochs))
-    log0(f"task on {name}: {len(train)} train / {len(dev)} dev examples, labels {label_list}, {total} steps, "
-         + (f"ELMo from a frozen {bilm_cfg.n_layers}-layer biLM" if bilm else "no ELMo (baseline)"))
-
-    def evaluate(m, device):
-        correct, loss_sum = 0, 0.0
-        for i in range(0, len(dev), cfg.task_batch_size):
-            b = {k: v.to(device) for k, v in collate(dev[i:i + cfg.task_batch_size]).items()}
-            logits = m(b["word_ids"], b["chars"], b["lengths"])
-            correct += (logits.argmax(-1) == b["labels"]).sum().item()
-            known = b["labels"] >= 0
-            if known.any():
-                loss_sum += F.cross_entropy(logits.float()[known], b["labels"][known], reduction="sum").item()
-        return {"loss": loss_sum / len(dev), "acc": correct / len(dev)}
-
-    mean_len = sum(len(x) for _, x, _ in train) / len(train)
-    n_task = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops = 6.0 * n_task + (bilm.flops_per_token() / 3 if bilm else 0.0)  # the frozen biLM runs forward only
-    extra = {"labels": label_list, "words": word_list,
-             "bilm_config": {k: getattr(bilm_cfg, k) for k in ARCH_FIELDS} if bilm else None}
-    run_cfg = dataclasses.replace(cfg, lr=cfg.task_lr, min_lr=0.0, grad_clip=5.0)  # AllenNLP's ELMo configs
-    return run_training(run_cfg, "task", model, sampler, lambda m, b: task_loss(m, b, cfg.l2_coef), evaluate,
-                        total, cfg.task_lr, 0, "constant", extra,
-                        round(cfg.task_batch_size * mean_len * cfg.grad_accum * world), flops)
-
-
-# -----------------------------------------------------------------------------------------------------
-# Pretrained weights: our checkpoints, and the released (TensorFlow-trained) ELMo weights
-
-
-def load_pretrained(cfg: Config):
-    """(BiLM, softmax vocabulary or None, cfg with its architecture) from --init_from."""
-    if cfg.init_from.startswith("allennlp:"):
-        return load_allennlp(cfg.init_from[len("allennlp:"):], cfg)
-    ckpt = load_checkpoint(cfg.init_from)
-    if ckpt.get("script") != "elmo.py":
-        raise UserError(f"{cfg.init_from} was written by {ckpt.get('script', 'another program')}, not elmo.py")
-    if ckpt["stage"] == "task":  # a classifier: take its biLM
-        if ckpt["bilm_config"] is None:
-            raise UserError(f"{cfg.init_from} is a classifier without ELMo; it holds no biLM")
-        cfg = dataclasses.replace(cfg, **ckpt["bilm_config"])
-        state = {k[len("elmo.bilm."):]: v for k, v in ckpt["model"].items() if k.startswith("elmo.bilm.")}
-    else:
-        cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
-        state = ckpt["model"]
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    model.reset_states()
-    return model, ckpt.get("vocab"), cfg
-
-
-def load_allennlp(spec: str, cfg: Config):
-    """Build the biLM from an ELMo options file and load its TensorFlow-trained hdf5 weights. The
-    conversions: kernels stored (in, out) are transposed; the characters get a zero row 0 for the +1 shift;
-    LSTM gates go from TensorFlow's (i, j, f, o) to (i, f, g, o) with TensorFlow's run-time forget bias
-    +1 stored; the highway keeps TensorFlow's convention (see Highway), so its weights load as they are."""
-    options_path, _, weights_path = spec.partition(",")
-    if not options_path or not weights_path:
-        raise UserError("--init_from allennlp: needs OPTIONS_JSON,WEIGHTS_HDF5")
+def run_main(argv, stages: dict):
+    """Parse, check and run a stage (None: the main job); bad input and Ctrl-C end in one line."""
     try:
-        import h5py
-    except ImportError:
-        raise UserError("reading the released ELMo weights needs the h5py package: pip install h5py") from None
-    try:
-        opts = json.loads(read_text(Path(options_path)))
-        lstm, cnn = opts["lstm"], opts["char_cnn"]
-        cfg = dataclasses.replace(
-            cfg, char_embed_dim=cnn["embedding"]["dim"], filters=",".join(f"{w}x{n}" for w, n in cnn["filters"]),
-            n_highway=cnn["n_highway"], n_layers=lstm["n_layers"], lstm_dim=lstm["dim"],
-            proj_dim=lstm["projection_dim"], cell_clip=float(lstm.get("cell_clip") or math.inf),
-            proj_clip=float(lstm.get("proj_clip") or math.inf), residual=bool(lstm.get("use_skip_connections")),
-            vocab_size=0)
-        ok = cnn.get("activation", "relu") == "relu" and cnn["max_characters_per_token"] == MAX_CHARS
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{options_path} is not an ELMo options file ({e.__class__.__name__}: {e})") from None
-    if not ok:
-        raise UserError(f"{options_path}: only relu character CNNs over {MAX_CHARS} characters are supported")
-    model = build_model(cfg)
-    H = cfg.lstm_dim
-    if not Path(weights_path).is_file():
-        raise UserError(f"weights file {weights_path} does not exist")
-    try:
-        f = h5py.File(weights_path, "r")
-    except OSError:
-        raise UserError(f"{weights_path} is not an hdf5 file") from None
-
-    def put(param, name, convert=lambda w: w):
-        if name not in f:
-            raise UserError(f"{weights_path} has no weight {name}; do the options match the weights?")
-        w = convert(torch.from_numpy(np.asarray(f[name], dtype=np.float32)))
-        if w.shape != param.shape:
-            raise UserError(f"{weights_path}: {name} gives shape {tuple(w.shape)}, expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(w)
-
-    def tf_gates(w):  # blocks (i, j, f, o) along dim 0 -> (i, f, j, o)
-        i, j, fg, o = w.split(H, dim=0)
-        return torch.cat([i, fg, j, o])
-
-    with f:
-        cnn_ = model.token_embedder
-        put(cnn_.char_embed.weight, "char_embed", lambda w: torch.cat([torch.zeros(1, w.size(1)), w]))
-        for i, conv in enumerate(cnn_.convs):
-            put(conv.weight, f"CNN/W_cnn_{i}", lambda w: rearrange(w[0], "w e n -> n e w"))
-            put(conv.bias, f"CNN/b_cnn_{i}")
-        for i, hw in enumerate(cnn_.highways):
-            for part in ("transform", "carry"):
-                put(getattr(hw, part).weight, f"CNN_high_{i}/W_{part}", lambda w: w.T)
-                put(getattr(hw, part).bias, f"CNN_high_{i}/b_{part}")
-        if isinstance(cnn_.proj, nn.Linear):
-            put(cnn_.proj.weight, "CNN_proj/W_proj", lambda w: w.T)
-            put(cnn_.proj.bias, "CNN_proj/b_proj")
-        for d, stack in enumerate(model.stacks):
-            for j, layer in enumerate(stack):
-                prefix = f"RNN_{d}/RNN/MultiRNNCell/Cell{j}/LSTMCell/"
-                D = layer.input_linear.in_features
-                put(layer.input_linear.weight, prefix + "W_0", lambda w: tf_gates(w.T)[:, :D])
-                put(layer.state_linear.weight, prefix + "W_0", lambda w: tf_gates(w.T)[:, D:])
-                put(layer.state_linear.bias, prefix + "B",
-                    lambda b: tf_gates(b + torch.cat([torch.zeros(2 * H), torch.ones(H), torch.zeros(H)])))
-                put(layer.proj.weight, prefix + "W_P_0", lambda w: w.T)
-    return model, None, cfg
-
-
-# -----------------------------------------------------------------------------------------------------
-# Stage `embed`: ELMo layers for every sentence of a text file (as AllenNLP's `elmo` command)
-
-
-def embed(cfg: Config) -> dict:
-    if not cfg.init_from:
-        raise UserError("embed needs --init_from a pretrained biLM (ckpt.pt or allennlp:OPTIONS_JSON,WEIGHTS_HDF5)")
-    if not cfg.embed_file:
-        raise UserError("embed needs --embed_file: a text file with one whitespace-tokenised sentence per line")
-    lines = read_text(Path(cfg.embed_file)).splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.split():
-            raise UserError(f"{cfg.embed_file}:{n} is an empty sentence; remove empty lines")
-    model, _, cfg = load_pretrained(cfg)
-    # The vectors are what a user keeps: `auto` computes them in fp32 (bf16 would round them away from the
-    # released model's); --dtype bfloat16 asks for the faster, rounded ones explicitly.
-    device, _, ctx = setup_device(dataclasses.replace(cfg, dtype="float32" if cfg.dtype == "auto" else cfg.dtype))
-    model.to(device).eval()
-    arrays = {}
-    with torch.no_grad(), ctx:
-        for i in range(0, len(lines), cfg.batch_size):
-            sentences = [line.split() for line in lines[i:i + cfg.batch_size]]
-            layers, _ = model.activations(batch_chars(sentences).to(device))
-            for k, words in enumerate(sentences):
-                arrays[str(i + k)] = layers[k, :, :len(words)].float().cpu().numpy()  # (L+1, n, 2P)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import h5py
-        path = out / "elmo.hdf5"
-        with h5py.File(path.with_suffix(".tmp"), "w") as f:
-            for key, a in arrays.items():
-                f.create_dataset(key, data=a)
-    except ImportError:
-        path = out / "elmo.npz"
-        with open(path.with_suffix(".tmp"), "wb") as f:
-            np.savez(f, **arrays)
-    os.replace(path.with_suffix(".tmp"), path)
-    log0(f"wrote ELMo layers for {len(arrays)} sentences to {path}: one array (layers, tokens, "
-         f"{2 * cfg.proj_dim}) per line, keyed by its line index from 0")
-    return {"path": str(path), "sentences": len(arrays)}
-
-
-# -----------------------------------------------------------------------------------------------------
-# CLI
-
-
-# Copied from gpt.py: parse_config
-def parse_config(argv, doc: str, stages, presets: dict):
-    """`[STAGE] --preset P --<field> VALUE ...`: flags generated from Config; preset values are the
-    defaults that explicit flags override."""
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit status 2
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
-
-    p = Parser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-               epilog=f"stages: {', '.join(stages)}; with no stage, the main job runs")
-    p.add_argument("stage", nargs="?", choices=stages, help="stage to run (default: the main job)")
-    p.add_argument("--preset", default="small", choices=sorted(presets))
-    for f in dataclasses.fields(presets["small"]):
-        kind = type(f.default)
-        if kind is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {f.default})")
-        else:
-            p.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
-    args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(presets["small"])
-                 if getattr(args, f.name) is not None}
-    return args.stage, dataclasses.replace(presets[args.preset], **overrides)
-
+        stage, cfg = parse_config(argv, stages)
+        validate(cfg)
+        return stages[stage](cfg)
+    except (UserError, KeyboardInterrupt) as e:  # bad input: status 2; Ctrl-C outside the loop's steps: 130
+        print(f"error: {e}" if isinstance(e, UserError) else "interrupted: nothing more was saved", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 130)
+# ==== end of harness ====
 
 def main(argv=None) -> dict:
-    stage, cfg = parse_config(argv, __doc__, STAGES, PRESETS)
-    try:
-        validate(cfg)
-        if stage == "pretrain":
-            return pretrain(cfg)
-        if stage == "embed":
-            return embed(cfg)
-        if stage == "task":
-            return task(cfg)
-        # the main job: pretrain the biLM, then the task classifier with ELMo and without it
-        root = Path(cfg.out_dir)
-        lm = pretrain(dataclasses.replace(cfg, out_dir=str(root / "pretrain")))
-        ckpt = str(root / "pretrain" / "ckpt.pt")
-        with_elmo = task(dataclasses.replace(cfg, out_dir=str(root / "task"), init_from=ckpt, resume=False))
-        without = task(dataclasses.replace(cfg, out_dir=str(root / "baseline"), use_elmo=False, resume=False))
-        summary = {"ppl": lm.get("ppl"), "acc_elmo": with_elmo.get("acc"), "acc_baseline": without.get("acc")}
-        log0(f"biLM validation perplexity {summary['ppl']:.2f}; task dev accuracy with ELMo "
-             f"{summary['acc_elmo']:.4f}, without {summary['acc_baseline']:.4f}")
-        return summary
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
+    return run_main(argv, {None: main_job, "pretrain": pretrain, "task": task, "embed": embed})
 
 if __name__ == "__main__":
     main()

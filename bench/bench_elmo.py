@@ -1,8 +1,9 @@
 """Throughput of elmo.py's biLM against the same biLM built from nn.LSTM(proj_size=...) (no clipping).
 
-Same sizes, same dtype (fp32), same process, both eager; warm-up first, then the median of interleaved
-repeats, as a ratio. One training step = pretrain_loss forward + backward + Adagrad update on a batch of
-the pretraining stream's shape (B rows x unroll_steps tokens, both directions).
+Same sizes, same dtype (fp32), same process, both eager; warm-up first, then the median of interleaved repeats, as a
+ratio. One training step = pretrain_loss forward + backward + bilm-tf's Adagrad update (bilm_tf_adagrad, its clip
+included) on a batch of the pretraining stream's shape (B rows x unroll_steps tokens, both directions), starting from
+the state the previous step carried, as in training.
 
   python bench/bench_elmo.py [--preset small] [--repeats 5] [--threads 1]
 """
@@ -29,8 +30,13 @@ class TorchLstmLayer(nn.Module):
 
     def forward(self, x, mask, state):
         h0, c0 = state
-        out, (h, c) = self.lstm(x, (h0[None], c0[None]))
+        out, (h, c) = self.lstm(x, (h0[None].contiguous(), c0[None].contiguous()))
         return out, (h[0], c[0])
+
+
+class Carry:
+    """Holds the state pretrain_loss hands back, as StreamSampler does in training."""
+    state = None
 
 
 def make(cfg, reference: bool):
@@ -40,22 +46,23 @@ def make(cfg, reference: bool):
         for stack in model.stacks:
             for j in range(len(stack)):
                 stack[j] = TorchLstmLayer(cfg.proj_dim, cfg)
-    model.stateful = True
     model.train()
-    opt = elmo.make_optimizer(model, cfg.lr, 0.0, (0.9, 0.999), 1e-8, torch.device("cpu"))
-    return model, opt
+    opt, clip = elmo.bilm_tf_adagrad(model, cfg)
+    return model, opt, clip, Carry()
 
 
-def step(model, opt, batch):
-    loss = elmo.pretrain_loss(model, batch)
+def step(model, opt, clip, carry, batch):
+    state = {} if carry.state is None else {"h0": carry.state[0], "c0": carry.state[1]}
+    loss = elmo.pretrain_loss(model, {**batch, **state}, carry)
     loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small", choices=list(elmo.PRESETS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
@@ -72,13 +79,13 @@ def main():
              "bwd_targets": torch.randint(cfg.vocab_size, (B, T), generator=g)}
     runs = {"elmo.py (clipped cell loop)": make(cfg, False), "nn.LSTM(proj_size) reference": make(cfg, True)}
     times = {k: [] for k in runs}
-    for model, opt in runs.values():
-        step(model, opt, batch)  # warm-up
+    for run in runs.values():
+        step(*run, batch)  # warm-up
     for _ in range(args.repeats):
-        for name, (model, opt) in runs.items():
+        for name, run in runs.items():
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                step(model, opt, batch)
+                step(*run, batch)
             times[name].append((time.perf_counter() - t0) / args.steps)
     print(f"preset {args.preset}: B={B} T={T} proj={cfg.proj_dim} cells={cfg.lstm_dim} vocab={cfg.vocab_size} "
           f"negatives={cfg.n_negative} fp32 threads={torch.get_num_threads()}")
