@@ -33,13 +33,13 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 class PlainLM(nn.Module):
-    """The same sizes as ulmfit.LanguageModel: embedding, n_layers nn.LSTMs, tied decoder; no dropout."""
+    """The same sizes as ulmfit.LanguageModel: embedding, n_layer nn.LSTMs, tied decoder; no dropout."""
 
     def __init__(self, cfg):
         super().__init__()
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.emb_size)
-        sizes = [cfg.emb_size] + [cfg.n_hid] * (cfg.n_layers - 1) + [cfg.emb_size]
-        self.rnns = nn.ModuleList(nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(cfg.n_layers))
+        sizes = [cfg.emb_size] + [cfg.n_hid] * (cfg.n_layer - 1) + [cfg.emb_size]
+        self.rnns = nn.ModuleList(nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(cfg.n_layer))
         self.decoder = nn.Linear(cfg.emb_size, cfg.vocab_size)
         self.decoder.weight = self.embedding.weight
 
@@ -55,7 +55,7 @@ def throughput(args):
     torch.manual_seed(0)
     awd, plain = ulmfit.build_model(cfg).train(), PlainLM(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.bptt + 1))
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "reset": torch.tensor(False)}
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
 
     def awd_loss():
         return ulmfit.pretrain_loss(awd, batch)
@@ -84,7 +84,7 @@ def throughput(args):
         for name in runs:  # interleaved
             tok[name].append(steps(name, args.steps))
     med = {k: statistics.median(v) for k, v in tok.items()}
-    print(f"preset {args.preset}: emb {cfg.emb_size} hid {cfg.n_hid} layers {cfg.n_layers} vocab {cfg.vocab_size} "
+    print(f"preset {args.preset}: emb {cfg.emb_size} hid {cfg.n_hid} layers {cfg.n_layer} vocab {cfg.vocab_size} "
           f"batch {cfg.batch_size} x bptt {cfg.bptt}, fp32, {torch.get_num_threads()} threads")
     for k in runs:
         print(f"{k:6s} tokens/s median {med[k]:.0f}  (repeats {[round(x) for x in tok[k]]})")
@@ -95,11 +95,11 @@ def probe_steps(data: str, minutes: float, share: float, max_vocab: int, min_fre
     """LM training steps of the small preset that fit share * minutes: a few steps are timed on the
     real vocabulary size (process time, so other jobs on the machine do not shrink the budget)."""
     cfg = ulmfit.PRESETS["small"]
-    vocab = len(ulmfit.Vocab.build(Counter(ulmfit.lm_tokens(ulmfit.load_lm_text(data)[1])), max_vocab, min_freq))
+    vocab = len(ulmfit.build_vocab(Counter(ulmfit.lm_tokens(ulmfit.load_lm_text(data)[1])), max_vocab, min_freq))
     model = ulmfit.build_model(dataclasses.replace(cfg, vocab_size=vocab)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.7, 0.99))
     ids = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1))
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "reset": torch.tensor(False)}
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
     for k in range(8):
         if k == 2:
             t0 = time.process_time()

@@ -1,5 +1,5 @@
-"""ulmfit.py: the AWD-LSTM's five dropouts, STLR, discriminative rates, gradual unfreezing, concat pooling,
-BPT3C, variable BPTT, resume, errors, and the rows of the cross-model property suite."""
+"""ulmfit.py: the AWD-LSTM's five dropouts, STLR, discriminative rates, gradual unfreezing, concat pooling, BPT3C,
+variable BPTT and its carried state, resume, DDP, the ensemble, errors, and the rows of the cross-model suite."""
 import dataclasses
 import math
 import os
@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
-from torch.func import functional_call
 
 import ulmfit
 from rows import Rows
@@ -20,6 +19,7 @@ from rows import Rows
 ROOT = Path(__file__).resolve().parent.parent
 V = 50
 TINY = dataclasses.replace(ulmfit.PRESETS["tiny"], vocab_size=V)
+FP32 = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32"]
 
 
 def tiny_lm(seed, **kw):
@@ -29,15 +29,15 @@ def tiny_lm(seed, **kw):
 
 def tiny_clf(seed, n_classes=3, **kw):
     torch.manual_seed(seed)
-    model = ulmfit.Classifier(dataclasses.replace(TINY, bptt=3, max_len=5, **kw), n_classes)
+    model = ulmfit.Classifier(dataclasses.replace(TINY, **{"bptt": 3, "max_len": 5, **kw}), n_classes)
     for bn in (model.head[0], model.head[4]):  # non-trivial running statistics for eval mode
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
     return model.eval()
 
 
-def rand_ids(seed, B, T):
-    return torch.randint(ulmfit.BOS, V, (B, T), generator=torch.Generator().manual_seed(seed))
+def rand_ids(seed, B, T, vocab=V):
+    return torch.randint(ulmfit.BOS, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def lm_loss(model, seed):
@@ -47,7 +47,7 @@ def lm_loss(model, seed):
 
 def frozen_clf(seed):
     model = tiny_clf(seed)
-    ulmfit.set_trainable(model, 2)  # gradual unfreezing, second epoch: head and the last LSTM
+    ulmfit.set_trainable(model, 2)  # gradual unfreezing, second epoch: the head and the last LSTM
     return model
 
 
@@ -58,22 +58,61 @@ def clf_loss(model, seed):
 
 
 def fresh(model, ids):
-    return model(ids, reset=True)[0]
+    return model(ids)[0]
+
+
+def dropout_rates(seed, stage):
+    """One forward pass in train mode of a model of `stage` (its own dropout values, wide enough to count), read
+    through forward hooks: how often each of the five dropouts struck, and its configured rate."""
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(TINY, emb_size=64, n_hid=96, vocab_size=1000, max_len=1000)
+    rate = {k: p * cfg.drop_mult for k, p in ulmfit.DROPOUTS[stage].items()}
+    model = (ulmfit.build_model(cfg) if stage == "lm" else ulmfit.Classifier(cfg, 2)).train()
+    ids = torch.randperm(1000, generator=torch.Generator().manual_seed(seed)).view(8, 125)  # every word once
+    counts = {}
+
+    def add(what, hits, trials):
+        counts[what] = [a + b for a, b in zip(counts.get(what, (0, 0)), (hits, trials))]
+
+    def locked(what):  # a locked mask shows at the first step of each sequence; units already zero do not count
+        return lambda m, args, out: add(what, ((out[:, 0] == 0) & (args[0][:, 0] != 0)).sum().item(),
+                                        (args[0][:, 0] != 0).sum().item())
+
+    enc, hooks = model.encoder, []
+    hooks.append(enc.input_dp.register_forward_hook(  # its input: the embedded words, a dropped word's row all zero
+        lambda m, args, out: add("embed_p", (args[0] == 0).all(-1).sum().item(), args[0][..., 0].numel())))
+    hooks.append(enc.input_dp.register_forward_hook(locked("input_p")))
+    hooks += [d.register_forward_hook(locked("hidden_p")) for d in enc.hidden_dps]
+    hooks += [r.register_forward_hook(  # during the call the LSTM holds the dropped copy of its U
+        lambda m, args, out: add("weight_p", (m.weight_hh_l0 == 0).sum().item(), m.weight_hh_l0.numel()))
+        for r in enc.rnns]
+    if stage == "lm":
+        hooks.append(model.output_dp.register_forward_hook(locked("output_p")))
+        model(ids)
+    else:  # the classifier's output_p is the head's element-wise dropout on the pooled features
+        hooks.append(model.head[1].register_forward_hook(
+            lambda m, args, out: add("output_p", ((out == 0) & (args[0] != 0)).sum().item(),
+                                     (args[0] != 0).sum().item())))
+        model(ids, torch.full((8,), 125))
+    for h in hooks:
+        h.remove()
+    return [(what, hits, trials, rate[what]) for what, (hits, trials) in counts.items()]
 
 
 PROPERTY_ROWS = [
-    Rows(name="ulmfit-lm", model=tiny_lm, ids=rand_ids, causal=fresh, loss=lm_loss),
+    Rows(name="ulmfit-lm", model=tiny_lm, ids=rand_ids, causal=fresh, loss=lm_loss,
+         rates=lambda seed: dropout_rates(seed, "lm")),
     Rows(name="ulmfit-lm-backward", model=tiny_lm, ids=rand_ids, direction="backward",
          causal=lambda m, ids: fresh(m, ids.flip(1)).flip(1)),  # how --backwards reads text
     Rows(name="ulmfit-classifier", model=tiny_clf, ids=rand_ids,
-         padded=lambda m, ids, lengths: m(ids, lengths)[:, None, :].expand(-1, ids.size(1), -1)),
+         padded=lambda m, ids, lengths: m(ids, lengths)[:, None, :].expand(-1, ids.size(1), -1),
+         rates=lambda seed: dropout_rates(seed, "classify")),
     Rows(name="ulmfit-classifier-frozen", model=frozen_clf, ids=rand_ids, loss=clf_loss),
 ]
 
 
-
-def binomial_ok(zeros: int, n: int, p: float) -> bool:
-    return abs(zeros - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1
+def binomial_ok(hits: int, n: int, p: float) -> bool:
+    return abs(hits - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,7 +127,7 @@ def test_embedding_dropout_drops_whole_rows_and_rescales(V_, E, p, seed):
     zero = (d == 0).all(1)
     torch.testing.assert_close(d[~zero], w[~zero] / (1 - p))
     assert binomial_ok(zero.sum().item(), V_, p)
-    assert ulmfit.embedding_dropout(w, p, training=False) is w
+    assert torch.equal(ulmfit.embedding_dropout(w, p, training=False), w)
 
 
 @given(B=st.integers(1, 6), T=st.integers(2, 10), C=st.integers(20, 60), p=st.floats(0.05, 0.9),
@@ -103,21 +142,27 @@ def test_locked_dropout_mask_is_constant_over_time(B, T, C, p, seed):
     assert torch.equal(d.eval()(torch.ones(B, T, C)), torch.ones(B, T, C))
 
 
-@given(n_in=st.integers(1, 6), n_out=st.integers(4, 12), p=st.floats(0.1, 0.8), seed=st.integers(0, 999))
-def test_weight_drop_touches_only_hidden_to_hidden_and_the_raw_weight_learns(n_in, n_out, p, seed):
-    layer = ulmfit.WeightDropLSTM(n_in, n_out, p).train()
-    x = torch.randn(2, 5, n_in)
+@given(E=st.integers(4, 12), p=st.floats(0.1, 0.8), seed=st.integers(0, 999))
+def test_weight_drop_touches_only_hidden_to_hidden_and_the_raw_weight_learns(E, p, seed):
     torch.manual_seed(seed)
-    y, _ = layer(x)
-    torch.manual_seed(seed)  # the same draw, made by hand: mask on weight_hh only
-    mask = F.dropout(torch.ones_like(layer.lstm.weight_hh_l0), p, True)
-    expect, _ = functional_call(layer.lstm, {"weight_hh_l0": layer.lstm.weight_hh_l0 * mask}, (x, None))
+    cfg = dataclasses.replace(TINY, emb_size=E, n_layer=1)
+    enc = ulmfit.AWDLSTM(cfg, {"embed_p": 0.0, "input_p": 0.0, "hidden_p": 0.0, "weight_p": p}).train()
+    rnn, seen = enc.rnns[0], []
+    hook = rnn.register_forward_hook(lambda m, args, out: seen.append((m.weight_hh_l0, m.weight_ih_l0, args, out)))
+    ids = rand_ids(seed, 2, 5)
+    y, _ = enc(ids)
+    hook.remove()
+    w_hh, w_ih, args, out = seen[0]
+    assert w_ih is rnn.weight_ih_l0  # the input-to-hidden matrix is not dropped
+    mask = w_hh.detach() / rnn.weight_hh_l0.detach()
+    assert ((mask == 0) | torch.isclose(mask, torch.tensor(1 / (1 - p)))).all()
+    assert binomial_ok((mask == 0).sum().item(), mask.numel(), p)
+    expect, _ = torch.func.functional_call(rnn, {"weight_hh_l0": w_hh.detach()}, args)  # the LSTM ran with it
     torch.testing.assert_close(y, expect)
     y.square().sum().backward()
-    g = layer.lstm.weight_hh_l0.grad
-    assert g is not None and (g[mask == 0] == 0).all() and g[mask != 0].abs().sum() > 0
-    assert layer.lstm.weight_ih_l0.grad.abs().sum() > 0
-    assert binomial_ok((mask == 0).sum().item(), mask.numel(), p)
+    g = rnn.weight_hh_l0.grad
+    assert g is not None and (g[mask == 0] == 0).all() and g[mask != 0].abs().sum() > 0  # the raw weight learns
+    assert rnn.weight_ih_l0.grad.abs().sum() > 0
 
 
 def test_dropout_values_per_stage_and_their_wiring():
@@ -131,9 +176,18 @@ def test_dropout_values_per_stage_and_their_wiring():
         enc = model.encoder
         assert enc.embed_p == want["embed_p"] and enc.input_dp.p == want["input_p"]
         assert [d.p for d in enc.hidden_dps] == [want["hidden_p"]] * (len(enc.rnns) - 1)
-        assert all(r.weight_p == want["weight_p"] for r in enc.rnns)
-        out_p = model.output_dp.p if table == "lm" else model.head[1].p
-        assert out_p == want["output_p"]
+        assert enc.weight_p == want["weight_p"]
+        assert (model.output_dp.p if table == "lm" else model.head[1].p) == want["output_p"]
+
+
+@pytest.mark.parametrize("stage", ["lm", "classify"])
+def test_the_five_dropouts_strike_at_their_rates(stage):
+    """The rows' rate hook, checked here too: each dropout within binomial bounds of its stage's value."""
+    for seed in range(3):
+        observed = dropout_rates(seed, stage)
+        assert {what for what, *_ in observed} == set(ulmfit.DROPOUTS[stage])
+        for what, hits, trials, rate in observed:
+            assert trials > 100 and binomial_ok(hits, trials, rate), (what, hits, trials, rate)
 
 
 def test_eval_is_deterministic_and_training_is_not():
@@ -146,10 +200,9 @@ def test_eval_is_deterministic_and_training_is_not():
 
 def test_decoder_is_tied_to_the_embedding():
     model = tiny_lm(0)
-    assert model.decoder.weight.data_ptr() == model.encoder.embedding.weight.data_ptr()
     assert model.decoder.weight is model.encoder.embedding.weight
     assert model.decoder.bias is not None
-    assert [r.lstm.hidden_size for r in model.encoder.rnns] == [TINY.n_hid, TINY.n_hid, TINY.emb_size]
+    assert [r.hidden_size for r in model.encoder.rnns] == [TINY.n_hid, TINY.n_hid, TINY.emb_size]
 
 
 def test_ar_and_tar_are_added():
@@ -159,24 +212,26 @@ def test_ar_and_tar_are_added():
     torch.manual_seed(0)
     full = ulmfit.pretrain_loss(model, batch)
     torch.manual_seed(0)
-    logits, raw, dropped = model(batch["input_ids"])
+    logits, raw, dropped, _ = model(batch["input_ids"])
     ce = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
     expect = ce + 2 * dropped.pow(2).mean() + 1 * (raw[:, 1:] - raw[:, :-1]).pow(2).mean()
     torch.testing.assert_close(full, expect)
 
 
-def test_hidden_state_is_carried_between_windows():
+def test_hidden_state_is_carried_between_windows_and_detached():
     model = tiny_lm(3)
     ids = rand_ids(3, 2, 10)
     whole = fresh(model, ids)
-    first = model(ids[:, :4], reset=True)[0]
-    second = model(ids[:, 4:], reset=False)[0]
+    first, _, _, state = model(ids[:, :4])
+    second = model(ids[:, 4:], state)[0]
     torch.testing.assert_close(torch.cat([first, second], 1), whole, atol=1e-6, rtol=1e-5)
-    assert all(not h.requires_grad for h, _ in model.hidden)  # detached: truncated BPTT
+    _, carried = ulmfit.lm_loss(model.train(), {"input_ids": ids[:, :4], "targets": ids[:, 1:5]})
+    assert all(not h.requires_grad and not c.requires_grad for h, c in carried)  # truncated BPTT
+    assert [h.shape for h, _ in carried] == [(1, 2, TINY.n_hid)] * 2 + [(1, 2, TINY.emb_size)]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Schedules: STLR, discriminative rates, variable BPTT
+# Schedules: STLR, discriminative rates, variable BPTT and its stream
 
 
 @given(T=st.integers(2, 2000), ratio=st.sampled_from([32.0, 8.0]), cut_frac=st.sampled_from([0.1, 0.25]))
@@ -196,11 +251,8 @@ def test_stlr_closed_form(T, ratio, cut_frac):
 
 def test_discriminative_rates_step_by_2_6():
     for model, n in ((tiny_lm(0), 4), (tiny_clf(0), 5)):
-        opt = ulmfit.make_optimizer(model, 0.01, TINY, torch.device("cpu"))
-        group_lr = {}
-        for g in opt.param_groups:
-            for p in g["params"]:
-                group_lr[id(p)] = g["base_lr"]
+        opt = ulmfit.discriminative_adam(model, 0.01, 2.6, TINY)
+        group_lr = {id(p): g["base_lr"] for g in opt.param_groups for p in g["params"]}
         lrs = [group_lr[id(grp[0])] for grp in model.layer_groups()]
         assert len(lrs) == n and math.isclose(lrs[-1], 0.01)
         for lo, hi in zip(lrs, lrs[1:]):
@@ -210,32 +262,46 @@ def test_discriminative_rates_step_by_2_6():
 
 
 def test_variable_bptt_lengths_follow_their_distribution():
-    import random
-    rng = random.Random(0)
+    s = ulmfit.LMStream(torch.arange(1000), 4, 70, 5.0, seed=0)
     n = 20000
-    lengths = [ulmfit.bptt_length(rng, 70, 5.0) for _ in range(n)]
+    lengths = [s.length(k) for k in range(n)]
     short = [x for x in lengths if x < 52]  # N(35, 5) draws; N(70, 5) falls below 52 with p < 2e-4
     long = [x for x in lengths if x >= 52]
     assert binomial_ok(len(short), n, 0.05)
     assert abs(sum(long) / len(long) - 69.5) < 0.2  # int() floors N(70, 5)
-    sd = math.sqrt(sum((x - 69.5) ** 2 for x in long) / len(long))
-    assert 4.7 < sd < 5.3
+    assert 4.7 < math.sqrt(sum((x - 69.5) ** 2 for x in long) / len(long)) < 5.3
     assert abs(sum(short) / len(short) - 34.5) < 0.5
-    assert min(ulmfit.bptt_length(rng, 6, 5.0) for _ in range(2000)) == 5  # at least 5
+    assert min(ulmfit.LMStream(torch.arange(1000), 4, 6, 5.0, seed=0).length(k) for k in range(2000)) == 5
+    assert lengths[:50] == [s.length(k) for k in range(50)]  # a function of the window's number
 
 
-def test_lm_stream_windows_are_contiguous_and_lr_scale_uses_their_length():
-    ids = torch.arange(1000)
-    s = ulmfit.LMStream(ids, 4, 20, 5.0, seed=0)
-    col, seen = 0, []
-    for _ in range(30):
+def test_lm_stream_windows_are_contiguous_and_each_pass_starts_from_zero(monkeypatch):
+    s = ulmfit.LMStream(torch.arange(1000), 4, 20, 5.0, seed=0)
+    col, seen, passes = 0, [], 0
+    for k in range(60):
+        s.state = [(torch.ones(1, 4, 3), torch.ones(1, 4, 3))]  # what the loss leaves for the next window
         b = next(s)
-        assert bool(b["reset"]) == (col == 0)
+        assert (s.state is None) == (col == 0)  # a new pass over the rows starts from a zero state
         assert torch.equal(b["targets"], b["input_ids"] + 1)
         assert torch.equal(b["input_ids"][:, 0], s.data[:, col])
+        assert b["input_ids"].size(1) == min(s.length(k), s.data.size(1) - 1 - col)
         col = (col + b["input_ids"].size(1)) % (s.data.size(1) - 1)
+        passes += col == 0
         seen.append(b["input_ids"].size(1))
-    assert len(set(seen)) > 3 and min(seen) >= 1
+    assert len(set(seen)) > 3 and passes >= 2
+    position = s.position
+    assert position["windows"] == 60 and position["state"][0][0].device.type == "cpu"
+    other = ulmfit.LMStream(torch.arange(1000), 4, 20, 5.0, seed=0)
+    other.position = position
+    assert all(torch.equal(next(s)["input_ids"], next(other)["input_ids"]) for _ in range(5))
+    monkeypatch.setattr(ulmfit, "WORLD", 2)
+    shards = []
+    for rank in (0, 1):  # each rank its shard of the stream, both with the same window lengths (one lr)
+        monkeypatch.setattr(ulmfit, "RANK", rank)
+        shards.append(ulmfit.LMStream(torch.arange(1000), 4, 20, 5.0, seed=0))
+    assert shards[0].data.max() < 500 <= shards[1].data.min()
+    assert [next(shards[0])["input_ids"].size(1) for _ in range(8)] == [next(shards[1])["input_ids"].size(1)
+                                                                         for _ in range(8)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,10 +310,11 @@ def test_lm_stream_windows_are_contiguous_and_lr_scale_uses_their_length():
 
 def test_gradual_unfreezing_freezes_groups():
     model = tiny_clf(0).train()
-    opt = ulmfit.make_optimizer(model, 0.01, TINY, torch.device("cpu"))
+    opt = ulmfit.discriminative_adam(model, 0.01, 2.6, TINY)
     groups = model.layer_groups()
+    assert ulmfit.set_trainable(model, len(groups)) is False  # all train already: nothing changed
     for n in range(1, len(groups) + 1):
-        ulmfit.set_trainable(model, n)
+        assert ulmfit.set_trainable(model, n) is True and ulmfit.set_trainable(model, n) is False
         before = [[p.detach().clone() for p in g] for g in groups]
         clf_loss(model, n).backward()
         opt.step()
@@ -277,20 +344,20 @@ def test_concat_pooling_ignores_padding_and_batch_composition(seed, lengths, ext
         torch.testing.assert_close(pooled[b], torch.cat([H[b, n - 1], h.max(0).values, h.mean(0)]))
 
 
+def no_dropout_classifier(vocab, **kw):
+    torch.manual_seed(0)
+    model = ulmfit.Classifier(dataclasses.replace(TINY, vocab_size=vocab, drop_mult=0.0, **kw), 2).train()
+    for m in model.modules():  # the head's fixed 0.1 too; batch norm still mixes the batch
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 @given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), max_len=st.integers(1, 12),
        bptt=st.integers(2, 7))
 def test_bpt3c_gradients_reach_only_the_last_max_len_tokens(lengths, max_len, bptt):
-    T = max(lengths)
-    B = len(lengths)
-    torch.manual_seed(0)
-    model = ulmfit.Classifier(dataclasses.replace(TINY, vocab_size=B * T + 5, bptt=bptt, max_len=max_len), 2)
-    model.train()
-    for m in model.modules():  # keep the mixing of batch norm but no random drops
-        if isinstance(m, (ulmfit.LockedDropout, torch.nn.Dropout)):
-            m.p = 0.0
-    model.encoder.embed_p = 0.0
-    for r in model.encoder.rnns:
-        r.weight_p = 0.0
+    T, B = max(lengths), len(lengths)
+    model = no_dropout_classifier(B * T + 5, bptt=bptt, max_len=max_len)
     ids = (torch.arange(B * T).view(B, T) + 5)  # every position its own word
     L = torch.tensor(lengths)
     H, start = model.encode(ids, L)
@@ -299,10 +366,18 @@ def test_bpt3c_gradients_reach_only_the_last_max_len_tokens(lengths, max_len, bp
     for b, n in enumerate(lengths):
         for t in range(T):
             got = g[ids[b, t]].abs().sum().item()
-            if t < max(0, n - max_len) or t >= n:
-                assert got == 0, (b, t)
-            else:
-                assert got > 0, (b, t)
+            assert (got > 0) == (max(0, n - max_len) <= t < n), (b, t)
+
+
+def test_bpt3c_backpropagates_across_chunks_within_the_window():
+    """The documented choice (the paper's wording; fastai detaches after every chunk): the last position's
+    output sends gradients into every earlier chunk of the max_len window, none before it."""
+    model = no_dropout_classifier(40, bptt=3, max_len=10)
+    ids = torch.arange(5, 19)[None, :]  # 14 tokens in chunks of 3: the window is the last 10
+    H, _ = model.encode(ids, torch.tensor([14]))
+    H[0, -1].sum().backward()
+    g = model.encoder.embedding.weight.grad[ids[0]].abs().sum(1)
+    assert (g[4:] > 0).all() and (g[:4] == 0).all()
 
 
 def test_vocabulary_transfer_copies_known_rows_and_means_new_ones():
@@ -313,49 +388,69 @@ def test_vocabulary_transfer_copies_known_rows_and_means_new_ones():
     emb, bias = model.encoder.embedding.weight, model.decoder.bias
     torch.testing.assert_close(state["encoder.embedding.weight"][5], emb[old.index("w3")])
     torch.testing.assert_close(state["encoder.embedding.weight"][6], emb.mean(0))
+    torch.testing.assert_close(state["decoder.bias"][7], bias[old.index("w0")])
     torch.testing.assert_close(state["decoder.bias"][8], bias.mean())
     m2 = ulmfit.build_model(dataclasses.replace(TINY, vocab_size=len(new)))
     m2.load_state_dict(state)
     assert m2.decoder.weight is m2.encoder.embedding.weight
 
 
-def test_tokenizer_marks_capitals_and_keeps_unk():
+def test_tokenizer_marks_capitals_keeps_unk_and_splits_lines_at_newlines_only():
     assert ulmfit.tokenize("The Film's <unk> end.<br />Bye") == [
         "<maj>", "the", "<maj>", "film's", "<unk>", "end", ".", "<maj>", "bye"]
-    v = ulmfit.Vocab.build(Counter("a a a b b c".split()), max_vocab=7, min_freq=2)
-    assert v.itos == list(ulmfit.SPECIALS) + ["a", "b"] and v.encode(["c", "a"]) == [ulmfit.UNK, 5]
+    itos = ulmfit.build_vocab(Counter("a a a b b c".split()), max_vocab=7, min_freq=2)
+    assert itos == list(ulmfit.SPECIALS) + ["a", "b"]
+    assert ulmfit.lm_tokens("a\u2028b\x85c\nd\n") == ["a", "b", "c", "<eos>", "d", "<eos>"]  # U+2028, NEL: no break
 
 
 # ---------------------------------------------------------------------------------------------------
-# Runs: resume equals uninterrupted, errors, the main job
+# Runs: resume equals uninterrupted, DDP, the ensemble, errors, the main job
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    (d / "text.txt").write_text("\n".join(ulmfit.builtin_text()[:12]))
-    return d / "text.txt"
+    (d / "train.txt").write_text(ulmfit.load_lm_text("builtin")[1][:6000])  # short: windows wrap around passes
+    (d / "valid.txt").write_text(ulmfit.load_lm_text("builtin")[2][:3000])
+    return d
 
 
 def run(argv):
-    return ulmfit.main(argv + ["--preset", "tiny", "--device", "cpu", "--dtype", "float32"])
+    return ulmfit.main(argv + FP32)
 
 
 def state_of(path):
     return torch.load(path, weights_only=False)
 
 
-def test_pretrain_resume_equals_uninterrupted(tmp_path, corpus):
-    args = ["pretrain", "--data", str(corpus), "--total_steps", "8", "--eval_interval", "3"]
+def test_pretrain_resume_equals_uninterrupted_with_the_carried_state(tmp_path, corpus):
+    args = ["pretrain", "--data", str(corpus), "--total_steps", "40", "--eval_interval", "7", "--batch_size", "8"]
     full = run(args + ["--out_dir", str(tmp_path / "a")])
-    run(args + ["--out_dir", str(tmp_path / "b"), "--max_steps", "5"])
+    run(args + ["--out_dir", str(tmp_path / "b"), "--max_steps", "23"])
+    cut = state_of(tmp_path / "b" / "ckpt.pt")["data"][0]["position"]
+    assert cut["windows"] == 23 and cut["column"] > 0 and cut["state"] is not None  # mid-pass, a state carried
     part = run(args + ["--out_dir", str(tmp_path / "b"), "--resume"])
     assert full["loss"] == part["loss"]
     a, b = state_of(tmp_path / "a" / "ckpt.pt"), state_of(tmp_path / "b" / "ckpt.pt")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for (h1, c1), (h2, c2) in zip(a["data"][0]["hidden"], b["data"][0]["hidden"]):
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    end = a["data"][0]["position"]
+    columns = len(ulmfit.lm_tokens((corpus / "train.txt").read_text())) // 8
+    assert end["windows"] == 40 and 40 * 5 > columns  # windows of at least 5: the run wrapped around a pass
+    for (h1, c1), (h2, c2) in zip(end["state"], b["data"][0]["position"]["state"]):
         assert torch.equal(h1, h2) and torch.equal(c1, c2)
+
+
+def test_lm_learning_rate_is_stlr_times_the_window_length_and_pretraining_has_one_rate(tmp_path, corpus):
+    import json
+    run(["pretrain", "--data", str(corpus), "--total_steps", "12", "--log_interval", "1", "--out_dir", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    stream, cfg = ulmfit.LMStream(torch.arange(100), 4, TINY.bptt, TINY.bptt_std, TINY.seed), TINY
+    for step, lr in lrs.items():
+        want = cfg.lr * ulmfit.stlr(step - 1, 12, cfg.cut_frac, cfg.stlr_ratio) * stream.length(step - 1) / cfg.bptt
+        assert math.isclose(lr, want, rel_tol=1e-9), step
+    groups = state_of(tmp_path / "ckpt.pt")["optimizer"]["param_groups"]
+    assert {g["base_lr"] for g in groups} == {cfg.lr}  # no discriminative rates in pretraining
 
 
 def test_three_stages_and_classifier_resume_across_unfreezing(tmp_path, corpus):
@@ -363,78 +458,123 @@ def test_three_stages_and_classifier_resume_across_unfreezing(tmp_path, corpus):
     ft = run(["finetune-lm", "--task_data", "builtin", "--init_from", str(tmp_path / "pre" / "ckpt.pt"),
               "--out_dir", str(tmp_path / "ft")])
     assert ft["ppl"] > 1
+    lm = state_of(tmp_path / "ft" / "ckpt.pt")
+    base = sorted({g["base_lr"] for g in lm["optimizer"]["param_groups"]})
+    assert len(base) == 4 and all(math.isclose(b / a, 2.6) for a, b in zip(base, base[1:]))  # discriminative
+    assert torch.equal(lm["model"]["encoder.embedding.weight"], lm["model"]["decoder.weight"])
     args = ["classify", "--task_data", "builtin", "--init_from", str(tmp_path / "ft" / "ckpt.pt")]
     full = run(args + ["--out_dir", str(tmp_path / "a")])
-    run(args + ["--out_dir", str(tmp_path / "b"), "--max_steps", "11"])  # 8 steps per epoch
+    run(args + ["--out_dir", str(tmp_path / "b"), "--max_steps", "11"])  # 8 steps per epoch: unfreezing at 16
     part = run(args + ["--out_dir", str(tmp_path / "b"), "--resume"])
     assert full["acc"] == part["acc"] and full["loss"] == part["loss"]
     a, b = state_of(tmp_path / "a" / "ckpt.pt"), state_of(tmp_path / "b" / "ckpt.pt")
-    assert a["step"] == 24
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    pre = state_of(tmp_path / "ft" / "ckpt.pt")["model"]
-    assert torch.equal(pre["encoder.embedding.weight"], pre["decoder.weight"])
+    assert a["step"] == 24 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    clf = ulmfit.Classifier(dataclasses.replace(TINY, vocab_size=len(a["vocab"])), 2)
+    clf.load_state_dict(a["model"])
+    assert torch.equal(clf.encoder.rnns[0].weight_ih_l0, lm["model"]["encoder.rnns.0.weight_ih_l0"])  # frozen
 
 
-def test_bidirectional_ensemble_averages_both_directions(tmp_path, corpus, monkeypatch):
-    seen = []
-    real = ulmfit.accuracy
+def _ddp_worker(rank, world, out, port):
+    import importlib
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    mod, models = importlib.reload(ulmfit), []  # RANK and WORLD are read when the script is loaded
+    real_lm, real_clf = mod.build_model, mod.Classifier
+    mod.build_model = lambda cfg: models.append(real_lm(cfg)) or models[-1]
+    mod.Classifier = lambda cfg, n: models.append(real_clf(cfg, n)) or models[-1]
+    mod.main(["pretrain", "--data", "builtin", "--total_steps", "4", "--grad_accum", "2", "--out_dir",
+              f"{out}/pre", *FP32])
+    mod.main(["classify", "--task_data", "builtin", "--clf_epochs", "2", "--out_dir", f"{out}/clf", *FP32])
+    torch.save([m.state_dict() for m in models], f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_stay_identical_through_variable_windows_and_unfreezing(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    params = [[k for k in x if "running_" not in k and "num_batches" not in k] for x in a]  # batch norm's
+    assert len(a) == 2 and all(torch.equal(x[k], y[k]) for x, y, ks in zip(a, b, params) for k in ks)  # own stats
+    assert len(state_of(tmp_path / "pre" / "ckpt.pt")["data"]) == 2
+    assert state_of(tmp_path / "clf" / "ckpt.pt")["step"] == 2 * (64 // (8 * 2))
+
+
+def test_ensemble_averages_a_forward_and_a_backward_classifier(tmp_path, monkeypatch, capsys):
+    for way in ("fwd", "bwd"):
+        run(["classify", "--task_data", "builtin", "--clf_epochs", "1", "--out_dir", str(tmp_path / way)]
+            + ["--backwards"] * (way == "bwd"))
+    seen, real = [], ulmfit.accuracy
     monkeypatch.setattr(ulmfit, "accuracy", lambda probs, ex: seen.append(probs) or real(probs, ex))
-    r = run(["--data", str(corpus), "--task_data", "builtin", "--total_steps", "2", "--finetune_steps", "2",
-             "--clf_epochs", "1", "--bidirectional", "--out_dir", str(tmp_path)])
-    assert set(r) == {"fwd", "bwd", "ensemble"}
-    bwd = state_of(tmp_path / "bwd" / "classify" / "ckpt.pt")
-    assert bwd["config"]["backwards"] and not state_of(tmp_path / "fwd" / "pretrain" / "ckpt.pt")["config"]["backwards"]
-    fwd_p, bwd_p, ens_p = seen[-3:]
+    paths = f"{tmp_path / 'fwd' / 'ckpt.pt'},{tmp_path / 'bwd' / 'ckpt.pt'}"
+    r = run(["ensemble", "--task_data", "builtin", "--init_from", paths])
+    fwd_p, bwd_p, ens_p = seen
     torch.testing.assert_close(ens_p, (fwd_p + bwd_p) / 2)
-    assert set(r["ensemble"]) == {"fwd_acc", "bwd_acc", "acc"}
+    assert set(r) == {"fwd_acc", "bwd_acc", "acc"} and not torch.equal(fwd_p, bwd_p)
+    for init, message in ((str(tmp_path / "fwd" / "ckpt.pt"), "FWD,BWD"),
+                          (paths + ",x", "FWD,BWD"),
+                          (f"{tmp_path / 'bwd' / 'ckpt.pt'},{tmp_path / 'fwd' / 'ckpt.pt'}", "a forward and a backward")):
+        with pytest.raises(SystemExit) as e:
+            run(["ensemble", "--task_data", "builtin", "--init_from", init])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_errors_through_the_command_line(tmp_path, capsys, corpus):
-    bad_utf8 = tmp_path / "latin1.txt"
-    bad_utf8.write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
     nolabel = tmp_path / "tsv"
     nolabel.mkdir()
     (nolabel / "train.tsv").write_text("pos\tgood film\nno label here\n")
     (nolabel / "dev.tsv").write_text("pos\tfine\n")
-    run(["pretrain", "--data", str(corpus), "--total_steps", "2", "--out_dir", str(tmp_path / "ok")])
+    (tmp_path / "bad.tsv.gz").write_bytes(b"not gzip")
+    run(["classify", "--task_data", "builtin", "--max_steps", "1", "--out_dir", str(tmp_path / "clf")])
     cases = [
         (["pretrain", "--data", "nosuchset"], "unknown dataset"),
-        (["pretrain", "--preset", "huge"], "invalid choice"),
         (["pretrain", "--n_hid", "0"], "--n_hid must be positive"),
         (["pretrain", "--bptt", "-3"], "--bptt must be positive"),
         (["pretrain", "--drop_mult", "2.5"], "dropouts must stay in [0, 1)"),
-        (["pretrain", "--data", str(bad_utf8)], "not UTF-8"),
-        (["pretrain", "--data", str(empty)], "is empty"),
+        (["pretrain", "--cut_frac", "1.5"], "--cut_frac"),
+        (["pretrain", "--data", str(corpus), "--batch_size", "500"], "too few for --batch_size"),
+        (["pretrain", "--init_from", str(tmp_path / "clf" / "ckpt.pt")], "starts from scratch"),
         (["classify", "--task_data", str(nolabel)], "expected label<TAB>text"),
         (["classify", "--task_data", str(tmp_path / "nowhere")], "unknown classification data"),
         (["finetune-lm", "--task_data", "builtin"], "needs --init_from"),
         (["finetune-lm", "--init_from", str(tmp_path / "missing.pt")], "does not exist"),
-        (["pretrain", "--data", str(corpus), "--out_dir", str(tmp_path / "ok"), "--resume", "--emb_size", "20"],
-         "emb_size"),
-        (["pretrain", "--data", str(corpus), "--out_dir", str(tmp_path / "nan"), "--lr", "1e30",
-          "--total_steps", "6", "--grad_clip", "0"], "loss became"),
+        (["finetune-lm", "--init_from", str(tmp_path / "clf" / "ckpt.pt")], "is a classify checkpoint, not pretrain"),
+        (["ensemble", "--init_from", ""], "FWD,BWD"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
-            run(argv)
+            run(argv + ["--out_dir", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (argv, err)
         assert message in err[0], (argv, err[0])
+    with pytest.raises(SystemExit):  # PyTorch's LSTM has no float16 kernel on the CPU: said before any work
+        ulmfit.main(["pretrain", "--preset", "tiny", "--device", "cpu", "--dtype", "float16", "--out_dir", "o"])
+    assert "float16 needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(ulmfit.UserError, match="gzip-compressed"):
+        ulmfit.read_imdb(tmp_path / "bad.tsv.gz")
+    assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
 def test_main_job_runs_end_to_end_in_a_subprocess(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "ulmfit.py"), "--preset", "tiny", "--data", "builtin",
-                        "--task_data", "builtin", "--out_dir", str(tmp_path), "--device", "cpu"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """One real subprocess: the main job on the built-in data, each stage from the one before; --resume then
+    finds every stage complete and only evaluates again."""
+    cmd = [sys.executable, str(ROOT / "ulmfit.py"), "--preset", "tiny", "--data", "builtin", "--task_data", "builtin",
+           "--out_dir", str(tmp_path), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NLP_LINEAGE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
-    assert "classifier accuracy" in r.stdout and "fine-tuned LM ppl" in r.stdout
+    assert "ULMFiT (forward): pretrained LM ppl" in r.stdout and "classifier accuracy" in r.stdout
     for stage in ("pretrain", "finetune-lm", "classify"):
         assert (tmp_path / stage / "ckpt.pt").is_file() and (tmp_path / stage / "metrics.jsonl").is_file()
+    assert state_of(tmp_path / "classify" / "ckpt.pt")["config"]["init_from"] == str(tmp_path / "finetune-lm" / "ckpt.pt")
+    again = ulmfit.main(["--preset", "tiny", "--data", "builtin", "--task_data", "builtin", "--out_dir", str(tmp_path),
+                         "--device", "cpu", "--resume"])
+    assert [again[s]["step"] for s in ("pretrain", "finetune-lm", "classify")] == [8, 6, 24]
 
 
 def test_loaders_read_the_shared_datasets(shared_data):
@@ -445,6 +585,8 @@ def test_loaders_read_the_shared_datasets(shared_data):
     assert len(rows) == 25000 and Counter(l for l, _ in rows) == {"pos": 12500, "neg": 12500}
     _, tr, dev = ulmfit.load_classification(str(shared_data / "sst2"), 0)
     assert len(tr) == 67349 and len(dev) == 872
+    _, tr, test = ulmfit.load_classification(str(shared_data / "imdb"), 0, 100, 2000)
+    assert len(tr) == 100 and len(test) == 2000  # the documented seeded subsamples
 
 
 def test_imdb_archive_is_converted_to_the_shared_layout(tmp_path, monkeypatch):
@@ -454,7 +596,7 @@ def test_imdb_archive_is_converted_to_the_shared_layout(tmp_path, monkeypatch):
     import io
     import tarfile
     reviews = {"aclImdb/train/pos/0_9.txt": "Great <br />film.", "aclImdb/train/neg/3_2.txt": "Bad\tone.",
-               "aclImdb/train/pos/10_7.txt": "Fine.", "aclImdb/test/neg/1_1.txt": "Awful.",
+               "aclImdb/train/pos/10_7.txt": "Fine.", "aclImdb/test/neg/1_1.txt": "Awful\u2028still.",
                "aclImdb/test/pos/2_8.txt": "Lovely.", "aclImdb/train/unsup/5_0.txt": "unlabelled",
                "aclImdb/README": "readme"}
     with tarfile.open(tmp_path / "aclImdb_v1.tar.gz", "w:gz") as tar:
@@ -463,18 +605,9 @@ def test_imdb_archive_is_converted_to_the_shared_layout(tmp_path, monkeypatch):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    monkeypatch.setattr(ulmfit, "download", lambda name, files: tmp_path)
+    monkeypatch.setattr(ulmfit, "download", lambda name, fallback: tmp_path)
     name, train, test = ulmfit.load_classification("imdb", 0)
     assert train == [("pos", "Great <br />film."), ("pos", "Fine."), ("neg", "Bad\tone.")]  # pos, neg; by id
-    assert test == [("pos", "Lovely."), ("neg", "Awful.")]
+    assert test == [("pos", "Lovely."), ("neg", "Awful\u2028still.")]
     (tmp_path / "aclImdb_v1.tar.gz").write_bytes(b"")  # converted once: the archive is not read again
     assert ulmfit.load_classification("imdb", 0)[1] == train
-
-
-def test_classifier_flops_count_backward_only_for_unfrozen_layers():
-    model = tiny_clf(0)
-    n = sum(p.numel() for r in model.encoder.rnns for p in r.parameters())
-    ulmfit.set_trainable(model, len(model.layer_groups()))
-    assert model.flops_per_token() == 6 * n
-    ulmfit.set_trainable(model, 1)  # the head only: the LSTMs run forward
-    assert model.flops_per_token() == 2 * n
