@@ -85,8 +85,8 @@ def bench_quality(shared: Path, lm_minutes: float, tag_minutes: float, preset: s
     wt2, conll = shared / "wikitext-2", shared / "conll2003"
     corpus = out / "lm-text"
     corpus.mkdir(parents=True, exist_ok=True)
-    _, train, _, _ = taglm.load_tagging(str(conll), 0)
-    conll_text = "\n".join(" ".join(words) for words, _ in train)
+    train = taglm.load_tagging(str(conll), 0)[1]["train"]
+    conll_text = "\n".join(" ".join(s["words"]) for s in train)
     (corpus / "train.txt").write_text((wt2 / "train.txt").read_text() + "\n" + conll_text + "\n")
     (corpus / "valid.txt").write_text((wt2 / "valid.txt").read_text())
     lm_args = ["pretrain-lm", "--preset", preset, "--data", str(corpus), "--dtype", "float32"]
@@ -130,7 +130,7 @@ def bench_quality(shared: Path, lm_minutes: float, tag_minutes: float, preset: s
     for insert, label in (("layer1", "with LM embeddings (layer1)"), ("none", "without LMs (baseline)")):
         wall, cpu, r, steps, per_step, probe = results[insert]
         print(f"tagger {label}: {steps} steps ({steps / per_epoch:.1f} epochs, {per_step:.3f} CPU-s/step), "
-              f"budget {tag_minutes} CPU-min: dev F1 {100 * r['best_f1']:.2f}, test F1 {100 * r['test_f1']:.2f}; "
+              f"budget {tag_minutes} CPU-min: dev F1 {100 * r['best']:.2f}, test F1 {100 * r['test_f1']:.2f}; "
               f"{wall:.0f} s wall, {cpu:.0f} s CPU (probe before it: {probe:.0f} s CPU)")
 
 
