@@ -307,3 +307,29 @@ def test_metrics_lines_are_json_with_the_documented_keys(tmp_path):
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert {"train", "val"} <= {r["split"] for r in records}
         assert all({"step", "split", "loss"} <= r.keys() and math.isfinite(r["loss"]) for r in records)
+
+
+@PARAMS
+def test_a_huge_but_finite_loss_never_overflows_a_perplexity(name, tmp_path, capsys, monkeypatch):
+    """Weights scaled up 30000-fold after step 5 make the validation loss finite but far above 709, where
+    math.exp overflows: the run ends normally or in one line, never in a traceback."""
+    mod, real = importlib.import_module(name), importlib.import_module(name).train_loop
+
+    def wrapper(cfg, stage, model, opt, sched, *args, **kw):
+        def scale(*_):
+            wrapper.steps += 1
+            if wrapper.steps == 6:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.mul_(30000.0 if p.dim() > 1 else 1.0)
+        opt.register_step_post_hook(scale)
+        return real(cfg, stage, model, opt, sched, *args, **kw)
+
+    wrapper.steps = 0
+    monkeypatch.setattr(mod, "train_loop", wrapper)
+    try:
+        metrics = train(name, tmp_path)
+        assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
