@@ -772,11 +772,12 @@ def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, 
             put(state)
         log0(f"resumed {stage} from {out / 'ckpt.pt'} at step {step}")
     RANK == 0 and out.mkdir(parents=True, exist_ok=True)
-    a, sync = torch.full((1024, 1024), 0.5, device=device, dtype=dtype), getattr(torch, device.type).synchronize
-    a @ a, sync()  # a warm-up, then the measured matmul peak: MFU's denominator
+    n = 8192 if device.type == "cuda" else 1024  # the matmul peak, MFU's denominator: sizes that are compute-bound
+    a, sync = torch.full((n, n), 0.5, device=device, dtype=dtype), getattr(torch, device.type).synchronize
+    a @ a, sync()  # a warm-up (of constant inputs: no random numbers drawn, so resume stays exact)
     t_peak = time.perf_counter()
     [a @ a for _ in range(5)], sync()
-    peak = 5 * 2 * 1024 ** 3 / (time.perf_counter() - t_peak)
+    peak = 5 * 2 * n ** 3 / (time.perf_counter() - t_peak)
 
     def wrap():  # DDP registers the parameters that train now
         m = torch.compile(raw) if cfg.compile else raw
@@ -805,8 +806,7 @@ def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, 
     on_sigint = lambda *_: stopping.append((signal.signal(signal.SIGINT, signal.default_int_handler),  # then a 2nd
                                             log0("Ctrl-C: stopping after this step (again: stop at once, unsaved)")))
 
-    stopping, metrics, start, stop = [], {}, step, min(total, cfg.max_steps or total)
-    nonfinite = torch.zeros((), device=device)  # the first step whose loss was not finite, 0 if none
+    stopping, metrics, start, stop, nonfinite = [], {}, step, min(total, cfg.max_steps or total), torch.zeros(())
     handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     model, hms, t_last, logged = wrap(), lambda s: f"{s // 60:.0f}:{s % 60:02.0f}", time.time(), step
     try:
@@ -814,7 +814,7 @@ def train_loop(cfg, stage: str, model: nn.Module, opt, sched, batches, loss_fn, 
             if on_step and on_step(step):
                 model = wrap()
             for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in next(batches).items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
                 with contextlib.nullcontext() if micro == cfg.grad_accum - 1 or WORLD == 1 else model.no_sync():
                     with ctx:
                         loss = loss_fn(model, batch)
