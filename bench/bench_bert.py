@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -29,16 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 import bert  # noqa: E402
-
-
-def peak_flops(dtype, n=1024, reps=10):
-    a = torch.full((n, n), 0.5, dtype=dtype)
-    for _ in range(3):
-        a @ a
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+from bench_gpt import interleaved_medians, peak_flops  # noqa: E402
 
 
 def throughput(repeats: int, steps: int):
@@ -66,27 +56,8 @@ def throughput(repeats: int, steps: int):
           f"attention: HF {hf.config._attn_implementation}, ours SDPA")
     for dtype in (torch.float32, torch.bfloat16):
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
-        runs = {"bert.py": (ours, lambda m: bert.pretrain_loss(m, batch)), "hf": (hf, hf_loss)}
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
-
-        def step(name):
-            m, loss_fn = runs[name]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                with ctx:
-                    loss = loss_fn(m)
-                loss.backward()
-                opts[name].step()
-                opts[name].zero_grad(set_to_none=True)
-            return (time.perf_counter() - t0) / steps
-
-        for name in runs:  # warm-up
-            step(name)
-        times = {name: [] for name in runs}
-        for _ in range(repeats):  # interleaved
-            for name in runs:
-                times[name].append(step(name))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians({"bert.py": (ours, lambda m: bert.pretrain_loss(m, batch)), "hf": (hf, hf_loss)},
+                                  ctx, steps, repeats)
         peak = peak_flops(dtype)
         label = "bf16" if dtype == torch.bfloat16 else "fp32"
         print(f"{label}: bert.py {med['bert.py'] * 1e3:.1f} ms/step, HF {med['hf'] * 1e3:.1f} ms/step, "

@@ -36,6 +36,31 @@ def peak_flops(dtype, n=2048, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def interleaved_medians(runs: dict, ctx, steps: int, repeats: int) -> dict:
+    """{name: (model, loss_fn)} -> {name: median seconds per training step (loss, backward, AdamW)}: one
+    warm-up round, then `repeats` rounds interleaved so that both sides share the machine's noise."""
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
+
+    def step(name):
+        m, loss_fn = runs[name]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            with ctx:
+                loss = loss_fn(m)
+            loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+        return (time.perf_counter() - t0) / steps
+
+    for name in runs:  # warm-up
+        step(name)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name in runs:
+            times[name].append(step(name))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def throughput(repeats: int, steps: int):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -59,27 +84,7 @@ def throughput(repeats: int, steps: int):
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
-        runs = {"gpt.py": (ours, ours_loss), "hf": (hf, hf_loss)}
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
-
-        def step(name):
-            m, loss_fn = runs[name]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                with ctx:
-                    loss = loss_fn(m)
-                loss.backward()
-                opts[name].step()
-                opts[name].zero_grad(set_to_none=True)
-            return (time.perf_counter() - t0) / steps
-
-        for name in runs:  # warm-up
-            step(name)
-        times = {name: [] for name in runs}
-        for _ in range(repeats):  # interleaved
-            for name in runs:
-                times[name].append(step(name))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians({"gpt.py": (ours, ours_loss), "hf": (hf, hf_loss)}, ctx, steps, repeats)
         peak = peak_flops(dtype)
         label = "bf16" if dtype == torch.bfloat16 else "fp32"
         results[label] = med
