@@ -15,6 +15,7 @@ import dataclasses
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,13 +104,16 @@ def quality(data: str, extra: list[str]):
            "--batch_size", "12", "--total_steps", "2000", "--lr", "1e-3", "--min_lr", "1e-4",
            "--warmup_steps", "100", "--dropout", "0", "--beta2", "0.99", "--weight_decay", "0.1",
            "--grad_clip", "1.0", "--eval_interval", "250", "--eval_batches", "20", "--log_interval", "250",
-           "--out_dir", "out/bench-quality", *extra]
-    print(" ".join(cmd[1:]))
-    t0 = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
+           *extra]
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh out_dir for every run (gpt.py refuses to reuse one)
+        print(" ".join(cmd[1:]), "--out_dir", tmp)
+        t0 = time.time()
+        out = subprocess.run([*cmd, "--out_dir", tmp], capture_output=True, text=True)
+        wall = time.time() - t0
     print(out.stdout[-2000:], out.stderr[-2000:])
     print(f"wall time {wall:.1f} s")
+    if out.returncode:
+        sys.exit(out.returncode)
 
 
 if __name__ == "__main__":
