@@ -349,9 +349,10 @@ def corpus_bleu(hyps: list[str], refs: list[str]) -> float:
 # -----------------------------------------------------------------------------------------------------
 # Vocabulary: one byte-level BPE learned over both languages (section 5.1's shared source-target BPE)
 SPECIALS = ("<s>", "</s>", "<pad>")  # the last three ids: BOS, EOS, PAD
-# GPT-2's pre-tokenizer in `re`: contractions, letters (\p{L}), numbers (\p{N}: also numerals outside \d, as "x²"),
-# other symbols (with \x1c-\x1f, which `re` counts as \s), whitespace; a space joins the word after it.
+# GPT-2's pre-tokenizer in `re` (gpt.py explains it)
+# Copied from gpt.py: NUMERALS
 NUMERALS = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if unicodedata.category(c) in ("Nl", "No"))
+# Copied from gpt.py: PRETOKENIZE
 PRETOKENIZE = re.compile(rf"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_{NUMERALS}]+| ?[\d{NUMERALS}]+| ?(?:[^\s\w]|[_\x1c-\x1f])+"
                          r"|[^\S\x1c-\x1f]+(?![\S\x1c-\x1f])|[^\S\x1c-\x1f]+")  # merges never cross these pieces
 

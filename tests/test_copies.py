@@ -7,8 +7,8 @@ identical to their source (DESIGN.md, The house).
     # Copied from gpt.py: NAME
     # Copied from gpt.py: NAME with A->B, C->D
 
-directly above a top-level `def` or `class` must equal the top-level NAME of that script after the
-replacements A->B, C->D (plain text, applied in order). This is Hugging Face's check_copies, for files.
+directly above a top-level `def`, `class` or `NAME = ...` must equal the top-level NAME of that script after
+the replacements A->B, C->D (plain text, applied in order). This is Hugging Face's check_copies, for files.
 """
 import ast
 import re
@@ -45,16 +45,24 @@ def check_harness(paths: list[Path]) -> list[str]:
     return problems
 
 
+def definitions(tree: ast.Module) -> dict[str, ast.AST]:
+    """The top-level defs, classes and single-name assignments of a module, by name."""
+    named = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
+    return named | {n.targets[0].id: n for n in tree.body
+                    if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)}
+
+
+def span(node: ast.AST) -> tuple[int, int]:
+    """First and last line of a definition, decorators included."""
+    return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]), node.end_lineno
+
+
 def top_level(path: Path) -> dict[str, str]:
-    """Source text of each top-level def/class of a file, decorators included."""
+    """Source text of each top-level def, class and NAME = ... of a file, decorators included."""
     text = path.read_text()
     lines = text.splitlines()
-    blocks = {}
-    for node in ast.parse(text).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            blocks[node.name] = "\n".join(lines[first - 1:node.end_lineno])
-    return blocks
+    return {name: "\n".join(lines[span(node)[0] - 1:span(node)[1]])
+            for name, node in definitions(ast.parse(text)).items()}
 
 
 def check_copies(path: Path, root: Path = ROOT) -> list[str]:
@@ -78,8 +86,8 @@ def check_copies(path: Path, root: Path = ROOT) -> list[str]:
                 old, new = (s.strip() for s in pair.split("->"))
                 expected = expected.replace(old, new)
         following = next((l for l in lines[n:] if l.strip() and not l.startswith("#")), "")
-        got_name = re.match(r"(?:class|def)\s+(\w+)|@", following)
-        copy_name = got_name.group(1) if got_name and got_name.group(1) else None
+        got_name = re.match(r"(?:class|def)\s+(\w+)|(\w+)\s*=|@", following)
+        copy_name = got_name.group(1) or got_name.group(2) if got_name else None
         if copy_name is None:  # a decorator: the def/class comes after it
             copy_name = next((re.match(r"(?:class|def)\s+(\w+)", l).group(1) for l in lines[n:]
                               if re.match(r"(?:class|def)\s+\w+", l)), None)
@@ -122,20 +130,28 @@ def test_marked_copies_match_their_source(script):
 
 
 def test_checker_catches_a_drifted_copy_and_fixes_it(tmp_path):
-    (tmp_path / "a.py").write_text("def helper(x):\n    return x + 1\n\n\nclass Thing:\n    size = 1\n")
+    (tmp_path / "a.py").write_text("def helper(x):\n    return x + 1\n\n\nclass Thing:\n    size = 1\n\n"
+                                   "LIMIT = 3  # a constant\n")
     good = "# Copied from a.py: helper\ndef helper(x):\n    return x + 1\n"
     renamed = "# Copied from a.py: Thing with Thing->Item, 1->2\nclass Item:\n    size = 2\n"
+    constant = "x = 0\n# Copied from a.py: LIMIT\nLIMIT = 3  # a constant\n"
     drifted = "# Copied from a.py: helper\ndef helper(x):\n    return x + 2\n"
+    drifted_constant = "x = 0\n# Copied from a.py: LIMIT\nLIMIT = (\n    4)\ny = 1\n"
     missing = "# Copied from a.py: nothing\ndef nothing():\n    pass\n"
-    for name, text in [("good.py", good), ("renamed.py", renamed), ("drifted.py", drifted),
-                       ("missing.py", missing)]:
+    for name, text in [("good.py", good), ("renamed.py", renamed), ("constant.py", constant), ("drifted.py", drifted),
+                       ("drifted_constant.py", drifted_constant), ("missing.py", missing)]:
         (tmp_path / name).write_text(text)
     assert check_copies(tmp_path / "good.py", tmp_path) == []
     assert check_copies(tmp_path / "renamed.py", tmp_path) == []
+    assert check_copies(tmp_path / "constant.py", tmp_path) == []
     assert check_copies(tmp_path / "drifted.py", tmp_path) == ["drifted.py:1: copy of a.py:helper differs from its source"]
+    assert check_copies(tmp_path / "drifted_constant.py", tmp_path) == [
+        "drifted_constant.py:2: copy of a.py:LIMIT differs from its source"]
     assert check_copies(tmp_path / "missing.py", tmp_path) == ["missing.py:1: no top-level nothing in a.py"]
     assert fix_copies(tmp_path / "drifted.py", tmp_path) == 1
     assert (tmp_path / "drifted.py").read_text() == good
+    assert fix_copies(tmp_path / "drifted_constant.py", tmp_path) == 1
+    assert (tmp_path / "drifted_constant.py").read_text() == constant + "y = 1\n"
     assert fix_copies(tmp_path / "good.py", tmp_path) == 0
 
 
@@ -154,11 +170,8 @@ def fix_copies(path: Path, root: Path = ROOT) -> int:
             if pair.strip():
                 old, new = (s.strip() for s in pair.split("->"))
                 expected = expected.replace(old, new)
-        tree = ast.parse(path.read_text())
-        node = next(x for x in tree.body if isinstance(x, (ast.FunctionDef, ast.ClassDef))
-                    and min([x.lineno] + [d.lineno for d in x.decorator_list]) > n)
-        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-        lines[first - 1:node.end_lineno] = expected.splitlines()
+        first, last = min((span(x) for x in definitions(ast.parse(path.read_text())).values() if span(x)[0] > n))
+        lines[first - 1:last] = expected.splitlines()
         path.write_text("\n".join(lines) + "\n")
         changed += 1
 
