@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import gpt
+from ddp import run_two_ranks
 from rows import Rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,10 +351,8 @@ def test_character_level_checkpoints_fine_tune_too(tmp_path):
     assert out["step"] == 3 and 0 <= out["acc"] <= 1
 
 
-def _ddp_worker(rank, world, out_dir, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    gpt.RANK, gpt.WORLD = rank, world  # read from the environment at import, before this worker set it
+def _ddp_worker(rank, out_dir):
+    gpt.RANK, gpt.WORLD = rank, 2  # read from the environment at import, before this worker set it
     models, real_build = [], gpt.build_model
     gpt.build_model = lambda cfg: models.append(real_build(cfg)) or models[-1]
     gpt.main(["pretrain", "--preset", "tiny", "--data", "builtin", "--dtype", "float32", "--total_steps", "8",
@@ -362,13 +361,7 @@ def _ddp_worker(rank, world, out_dir, port):
 
 
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    a, b = run_two_ranks(_ddp_worker, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 8 and len(ckpt["data"]) == 2 and ckpt["data"][0]["position"] == ckpt["data"][1]["position"]

@@ -23,6 +23,7 @@ from einops import rearrange
 from hypothesis import given, settings, strategies as st
 
 import transformer as T
+from ddp import run_two_ranks
 from rows import Rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -623,10 +624,8 @@ def test_the_tiny_preset_learns_the_copy_task_exactly(tmp_path):
     assert metrics["bleu"] == pytest.approx(100.0)
 
 
-def _ddp_worker(rank, world, out_dir, port):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    T.RANK, T.WORLD = rank, world  # read from the environment at import, before this worker set it
+def _ddp_worker(rank, out_dir):
+    T.RANK, T.WORLD = rank, 2  # read from the environment at import, before this worker set it
     models, real_build = [], T.build_model
     T.build_model = lambda cfg: models.append(real_build(cfg)) or models[-1]
     T.main(["train", *BASE, "--total_steps", "4", "--eval_interval", "2", "--keep_checkpoints", "2",
@@ -636,13 +635,7 @@ def _ddp_worker(rank, world, out_dir, port):
 
 @pytest.mark.slow
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    a, b = run_two_ranks(_ddp_worker, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 4 and len(ckpt["data"]) == 2 and ckpt["data"][0]["position"] == 8

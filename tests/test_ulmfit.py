@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import ulmfit
+from ddp import run_two_ranks
 from rows import Rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -474,10 +475,8 @@ def test_three_stages_and_classifier_resume_across_unfreezing(tmp_path, corpus):
     assert torch.equal(clf.encoder.rnns[0].weight_ih_l0, lm["model"]["encoder.rnns.0.weight_ih_l0"])  # frozen
 
 
-def _ddp_worker(rank, world, out, port):
+def _ddp_worker(rank, out):
     import importlib
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
     mod, models = importlib.reload(ulmfit), []  # RANK and WORLD are read when the script is loaded
     real_lm, real_clf = mod.build_model, mod.Classifier
@@ -491,13 +490,7 @@ def _ddp_worker(rank, world, out, port):
 
 @pytest.mark.slow
 def test_ddp_two_ranks_stay_identical_through_variable_windows_and_unfreezing(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    a, b = run_two_ranks(_ddp_worker, tmp_path)
     params = [[k for k in x if "running_" not in k and "num_batches" not in k] for x in a]  # batch norm's
     assert len(a) == 2 and all(torch.equal(x[k], y[k]) for x, y, ks in zip(a, b, params) for k in ks)  # own stats
     assert len(state_of(tmp_path / "pre" / "ckpt.pt")["data"]) == 2
