@@ -14,24 +14,25 @@ What this file reproduces
     cached); averaging the last 5 checkpoints (copies kept at each evaluation); BLEU as sacreBLEU's (13a tokens).
 
 Run it (`--help` lists every field, grouped by stage)
-  python transformer.py                             # main job: small preset, Multi30k de->en, then test BLEU
+  python transformer.py                  # main job: small preset, Multi30k de->en, average; BLEU of beam 4 vs greedy
   python transformer.py train --data multi30k --out_dir out/m30k
   python transformer.py average --init_from out/m30k --out_dir out/avg     # or --init_from a.pt,b.pt,c.pt
+  python transformer.py test --init_from out/avg/ckpt.pt --beam_size 1 --out_dir out/greedy    # the test BLEU
   python transformer.py translate --init_from out/avg/ckpt.pt < sentences.de > sentences.en
   torchrun --nproc_per_node=2 transformer.py train ...                           # data parallel
 
-Data: multi30k (task 1, raw cased), a folder with {train,val,test}.{src,tgt} (test may be test_2016_flickr, else
-val is used), or builtin: a SYNTHETIC copy task (8 random digits), offline and in the tests. A pair longer than
---max_len is an error that names a --max_len that fits.
+Data: multi30k (task 1, raw cased), a folder with {train,val,test}.{src,tgt} (test or test_2016_flickr, else val),
+or builtin: a SYNTHETIC copy task (8 random digits), offline and in tests. A pair over --max_len names one that fits.
 
 Deliberate deviations from the paper
-  - Vocabulary: a byte-level BPE (GPT-2's, as gpt.py) over both languages, 8k tokens for Multi30k, <s> </s> <pad>
+  - Vocabulary: a byte-level BPE (GPT-2's, as gpt.py) over both languages, 4k tokens in `small`, <s> </s> <pad>
     last; the paper had a shared byte-pair encoding of about 37k tokens for EN-DE, 32k word-pieces for EN-FR.
     The source ends in </s> (as fairseq's), so an empty line still has a key to attend to.
   - Unstated in the paper: Xavier-uniform Linear weights, the embedding N(0, d_model^-0.5) (unit variance once
     scaled), LayerNorm eps 1e-6 (tensor2tensor, fairseq). No attention or ReLU dropout: the paper has neither.
-  - Warmup scaled to the run by the presets: 4000 of the paper's 100k steps, 200 of `small`'s 600, 30 of `tiny`'s 300;
-    eq. 3 peaks higher as d_model and warmup shrink, so `lr_factor` (1 in the paper) scales it: 0.5 small, 0.3 tiny.
+  - `small` fits 10 minutes on 2 CPU cores: 3 + 3 layers of width 256, d_ff 512, no dropout, 2,000-token batches, 1,500
+    steps, warmup 150; eq. 3 peaks higher as d_model and warmup shrink, so `lr_factor` (1 in the paper) scales it: 0.145
+    small, 0.3 tiny. `small` keeps no copies to average: in a run this short, copies 200 steps apart average worse.
   - Dropped: the `norm_first` (pre-LN) option, never in the paper, and the separate greedy decoder: beam search
     with --beam_size 1 picks the same tokens (tests/test_transformer.py checks it).
 """
@@ -102,8 +103,8 @@ class Config:
 
 PRESETS = {
     "paper": Config(),  # 6 + 6 layers, d_model 512: 63.1M parameters with a 37,000-token vocabulary
-    "small": Config(n_layer=3, d_model=256, d_ff=1024, n_head=4, bpe_vocab_size=8000, batch_tokens=4000,
-                    warmup_steps=200, lr_factor=0.5, total_steps=600, eval_interval=200, log_interval=20),
+    "small": Config(n_layer=3, d_model=256, d_ff=512, n_head=4, dropout=0.0, bpe_vocab_size=4000, batch_tokens=2000,
+                    warmup_steps=150, lr_factor=0.145, total_steps=1500, eval_interval=500, keep_checkpoints=0),
     "tiny": Config(n_layer=2, d_model=64, d_ff=128, n_head=4, dropout=0.0, max_len=64, bpe_vocab_size=300,
                    batch_tokens=1600, warmup_steps=30, lr_factor=0.3, total_steps=300, eval_interval=300,
                    log_interval=100, keep_checkpoints=0, beam_size=2, max_extra_len=10),
@@ -134,11 +135,9 @@ def sinusoids(n_pos: int, d_model: int) -> torch.Tensor:
 
 class MultiHeadAttention(nn.Module):
     """Section 3.2: MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
-
     def __init__(self, cfg: Config):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
+        self.n_head, self.q, self.k, self.v, self.o = cfg.n_head, *(nn.Linear(cfg.d_model, cfg.d_model) for _ in "qkvo")
 
     def forward(self, x, kv, mask=None, cache=None, static=False):
         """x (B, T, C) attends to kv (B, S, C) where mask is True; cache {k, v}: extended, or filled once if static."""
@@ -148,15 +147,13 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = (rearrange(proj(kv), "b s (h d) -> b h s d", h=self.n_head) for proj in (self.k, self.v))
             if cache is not None:
-                if cache:
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
+                k, v = (torch.cat([cache[n], x], dim=2) if cache else x for n, x in (("k", k), ("v", v)))
+                cache.update(k=k, v=v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(Q K^T / sqrt(d_k)) V (eq. 1)
         return self.o(rearrange(y, "b h t d -> b t (h d)"))  # (B, T, C)
 
 class FeedForward(nn.Module):
     """Eq. 2: FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, the same at every position."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         self.w_1, self.w_2 = nn.Linear(cfg.d_model, cfg.d_ff), nn.Linear(cfg.d_ff, cfg.d_model)
@@ -166,7 +163,6 @@ class FeedForward(nn.Module):
 
 class EncoderLayer(nn.Module):
     """Section 3.1: self-attention, then the feed-forward network, each as LayerNorm(x + Dropout(f(x))) (5.4)."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         self.self_attn, self.ff, self.drop = MultiHeadAttention(cfg), FeedForward(cfg), nn.Dropout(cfg.dropout)
@@ -178,7 +174,6 @@ class EncoderLayer(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Section 3.1: masked self-attention, attention over the encoder's output, then the feed-forward network."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         self.self_attn, self.cross_attn, self.ff = MultiHeadAttention(cfg), MultiHeadAttention(cfg), FeedForward(cfg)
@@ -192,7 +187,6 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     """Figure 1: the decoder predicts each target token from the ones before it and the encoder's output."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         require(cfg.vocab_size > 3, "--vocab_size must be positive (the tokenizer sets it when data is loaded)")
@@ -203,10 +197,8 @@ class Transformer(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         for name, p in self.named_parameters():  # the paper gives none: see the docstring
-            if name == "embed.weight":
-                nn.init.normal_(p, std=cfg.d_model ** -0.5)
-            elif p.dim() == 2:
-                nn.init.xavier_uniform_(p)
+            if p.dim() == 2:
+                nn.init.normal_(p, std=cfg.d_model ** -0.5) if name == "embed.weight" else nn.init.xavier_uniform_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
@@ -267,11 +259,9 @@ def beam_search(model: Transformer, src, beam: int = 4, alpha: float = 0.6, max_
     best `beam` that end in </s> finish, scored log P / lp(|Y|) (|Y| counts </s>), until `beam` have; at most input
     length + max_extra tokens come before </s>, which the last step forces (all as fairseq)."""
     lp = lambda length: ((5 + length) / 6) ** alpha  # the length penalty (Wu et al. 2016, eq. 14)
-    memory, src_mask = model.encode(src)
-    B, K, dev = src.size(0), beam, src.device
+    (memory, src_mask), B, K, dev = model.encode(src), src.size(0), beam, src.device
     steps = (src_mask.sum((1, 2, 3)) + max_extra).clamp(max=model.cfg.max_len)  # (B,): the input counts its </s>
-    limit = steps.tolist()
-    memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)  # (B*K, S, C)
+    memory, src_mask, limit = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0), steps.tolist()
     seqs, cache = torch.full((B * K, 1), model.bos, device=dev), [{"self": {}, "cross": {}} for _ in model.decoder]
     scores = torch.tensor([0.0] + [-math.inf] * (K - 1), device=dev).repeat(B, 1)  # (B, K): one hypothesis at first
     finished = [[] for _ in range(B)]
@@ -301,12 +291,9 @@ def translate_lines(model: Transformer, tok: ByteBPE, lines: list[str], cfg: Con
     """Translate sentences in batches of similar length, with cfg's beam_size, length_penalty and max_extra_len."""
     ids = [tok.encode(s) + [model.eos] for s in lines]
     longest, n = max(((len(x), n) for n, x in enumerate(ids, 1)), default=(0, 0))
-    require(longest <= model.cfg.max_len, f"input line {n} has {longest} tokens, more than --max_len "
-            f"{model.cfg.max_len}")
-    order, out = sorted(range(len(ids)), key=lambda i: len(ids[i])), [""] * len(ids)
-    model.eval()
-    for i in range(0, len(order), batch):
-        chunk = order[i:i + batch]
+    require(longest <= (most := model.cfg.max_len), f"input line {n} has {longest} tokens, more than --max_len {most}")
+    order, out, _ = sorted(range(len(ids)), key=lambda i: len(ids[i])), [""] * len(ids), model.eval()
+    for chunk in (order[i:i + batch] for i in range(0, len(order), batch)):
         src = nn.utils.rnn.pad_sequence([torch.tensor(ids[j]) for j in chunk], True, model.pad).to(device)  # (B, S)
         for j, hyp in zip(chunk, beam_search(model, src, cfg.beam_size, cfg.length_penalty, cfg.max_extra_len)):
             out[j] = tok.decode(hyp)
@@ -320,10 +307,7 @@ def tokenize_13a(line: str) -> list[str]:
     line = line.rstrip().replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
     for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
         line = line.replace(entity, char)
-    line = f" {line} "
-    for pattern, repl in TOKENIZE_13A:
-        line = pattern.sub(repl, line)
-    return line.split()
+    return functools.reduce(lambda text, rule: rule[0].sub(rule[1], text), TOKENIZE_13A, f" {line} ").split()
 
 def corpus_bleu(hyps: list[str], refs: list[str]) -> float:
     """Corpus BLEU (Papineni et al. 2002) in 0-100 against one reference per sentence."""
@@ -332,16 +316,14 @@ def corpus_bleu(hyps: list[str], refs: list[str]) -> float:
         h, r = tokenize_13a(h), tokenize_13a(r)
         sys_len, ref_len = sys_len + len(h), ref_len + len(r)
         for n in range(1, 5):
-            h_grams = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-            r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            h_grams, r_grams = (Counter(tuple(x[i:i + n]) for i in range(len(x) - n + 1)) for x in (h, r))
             correct[n - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
             total[n - 1] += max(0, len(h) - n + 1)
     if not any(correct) or not all(total):
         return 0.0
     log_p, smooth = 0.0, 1.0
     for c, t in zip(correct, total):
-        if c == 0:  # sacreBLEU's "exp" smoothing: 1 / (2^k * total) for the k-th zero count
-            smooth *= 2
+        smooth *= 1 if c else 2  # sacreBLEU's "exp" smoothing: 1 / (2^k * total) for the k-th zero count
         log_p += math.log(100.0 * c / t if c else 100.0 / (smooth * t))
     bp = 1.0 if sys_len >= ref_len else math.exp(1 - ref_len / sys_len)
     return bp * math.exp(log_p / 4)
@@ -459,8 +441,8 @@ def read_parallel(folder: Path, split: str, src: str, tgt: str) -> dict:
             f"{len(b)}; a parallel corpus needs one translation per line")
     return {"src": a, "tgt": b}
 
-def load_parallel(cfg: Config) -> tuple[str, dict]:
-    """(name, {"train", "val", "test": {"src", "tgt": lines}}) of Multi30k, a folder, or the copy task."""
+def load_parallel(cfg: Config) -> tuple[str, dict, str]:
+    """(name, {"train", "val", "test": {"src", "tgt": lines}}, the test's name): Multi30k, a folder, the copy task."""
     data = cfg.data
     if data == "multi30k" and (root := download("multi30k", "the built-in SYNTHETIC copy task")):
         for gz in (gz for gz in DATASETS["multi30k"] if not (root / gz[:-3]).exists()):  # published gzipped
@@ -471,15 +453,15 @@ def load_parallel(cfg: Config) -> tuple[str, dict]:
         log0("data: the built-in SYNTHETIC copy task (strings of 8 random digits; the target is the source)")
         rng, sizes = random.Random(cfg.seed), {"train": 4000, "val": 200, "test": 200}
         lines = {s: [" ".join(rng.choice("0123456789") for _ in range(8)) for _ in range(n)] for s, n in sizes.items()}
-        return "builtin-copy", {s: {"src": x, "tgt": x} for s, x in lines.items()}
+        return "builtin-copy", {s: {"src": x, "tgt": x} for s, x in lines.items()}, "test"
     folder, layout = Path(data), f"a folder with train.{cfg.src}, train.{cfg.tgt}, val.{cfg.src}, val.{cfg.tgt}"
     require(folder.exists() or os.sep in data or "." in data, f"unknown dataset {data!r}: use multi30k, builtin or "
             f"{layout} (and test.*)")
     require(folder.is_dir() or not read_text(folder), f"--data {data} is a file, not {layout}")  # read_text first
     test = next((t for t in ("test", "test_2016_flickr") if (folder / f"{t}.{cfg.src}").exists()), None)
     test or log0(f"{folder} has no test.{cfg.src}: the test BLEU is measured on the validation split")
-    return folder.name, {s: read_parallel(folder, f, cfg.src, cfg.tgt) for s, f in
-                         (("train", "train"), ("val", "val"), ("test", test or "val"))}
+    return folder.name, {s: read_parallel(folder, f, cfg.src, cfg.tgt) for s, f in (("train", "train"), ("val", "val"),
+                         ("test", test or "val"))}, {"test_2016_flickr": "test2016"}.get(test, test or "val")
 
 def encode_pairs(tok: ByteBPE, split: dict) -> list[dict]:
     """Examples {"src": source ids </s>, "tgt": <s> target ids </s>}."""
@@ -506,7 +488,6 @@ def token_batches(pairs: list[dict], batch_tokens: int, seed: int) -> list[list[
 
 class TokenBatches:
     """token_batches, in a new seeded order each epoch, each rank its own and as many; `position` counts them."""
-
     def __init__(self, pairs: list[dict], batch_tokens: int, pad_id: int, seed: int):
         self.pairs, self.pad_id, self.seed, self.position = pairs, pad_id, seed, 0
         self.batches = token_batches(pairs, batch_tokens, seed)
@@ -519,7 +500,7 @@ class TokenBatches:
         return collate([self.pairs[i] for i in self.batches[order[index * WORLD + RANK]]], self.pad_id)
 
 # -----------------------------------------------------------------------------------------------------
-# Stages: train (section 5), translate and average (section 6.1)
+# Stages: train (section 5), test, translate and average (section 6.1)
 
 def noam(warmup: int):
     """Eq. 3 over d_model^-0.5 (the base rate): min(step^-0.5, step * warmup^-1.5), step from 1 (the scheduler's 0)."""
@@ -537,22 +518,44 @@ def load_trained(cfg: Config, ckpt: dict | None = None) -> tuple[Transformer, By
     """(model, tokenizer, cfg with its architecture) of a checkpoint: a resumed run's, or --init_from's."""
     ckpt = ckpt or load_checkpoint(cfg.init_from)
     cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    (model := build_model(cfg)).load_state_dict(ckpt["model"])
     return model, ByteBPE(**ckpt["tokenizer"]), cfg
 
-def train(cfg: Config) -> dict:
+def scores(m: Transformer, pairs: list[dict], cfg: Config, device) -> dict:
+    """The label-smoothed loss, the cross-entropy and the perplexity of the targets of `pairs`."""
+    loss = nll = count = 0.0
+    for group in token_batches(pairs, cfg.batch_tokens, cfg.seed):
+        b = {k: v.to(device) for k, v in collate([pairs[i] for i in group], m.pad).items()}
+        logits, targets = m(b["src"], b["tgt_in"]).float().flatten(0, 1), b["tgt_out"].flatten()
+        ce = lambda eps: F.cross_entropy(logits, targets, ignore_index=m.pad, reduction="sum", label_smoothing=eps)
+        loss, nll, count = loss + ce(cfg.label_smoothing).item(), nll + ce(0.0).item(), count + (targets != m.pad).sum()
+    count = float(count)
+    return {"loss": loss / count, "nll": nll / count, "ppl": math.exp(min(nll / count, 700))}
+
+def test_bleu(m: Transformer, tok: ByteBPE, split: dict, cfg: Config, step: int, examples: int = 4) -> dict:
+    """The test loss and the BLEU of decoding split["src"] with cfg's beam_size (1: greedy), in metrics.jsonl."""
+    (device, _, ctx), t0 = setup(cfg), time.time()
+    how = f"beam {cfg.beam_size}, alpha {cfg.length_penalty}" if cfg.beam_size > 1 else "greedy"
+    with torch.no_grad(), ctx:
+        record = {"step": step, "split": "test", **scores(m.to(device).eval(), encode_pairs(tok, split), cfg, device)}
+        hyps = translate_lines(m, tok, split["src"], cfg, device)
+    record.update(bleu=corpus_bleu(hyps, split["tgt"]), beam=cfg.beam_size, seconds=time.time() - t0)
+    log_metrics(cfg.out_dir, f"test BLEU {record['bleu']:.2f} ({how}, sacreBLEU 13a), loss {record['loss']:.4g}, "
+                f"{record['seconds']:.0f} s\n", **record)
+    for s, r, h in list(zip(split["src"], split["tgt"], hyps))[:examples]:
+        log0(f"source     {s}\nreference  {r}\ntranslated {h}\n")
+    return record
+
+def train(cfg: Config, test: bool = True) -> dict:
     """the model on --data (sections 5.1-5.4), then the test BLEU of beam search (section 6.1)"""
     ckpt = open_run(cfg, "train", ARCH_FIELDS + ("data", "src", "tgt", "bpe_vocab_size"))
-    (device, _, ctx), out = setup(cfg), Path(cfg.out_dir)
-    name, splits = load_parallel(cfg)
+    (device, _, _), out, (name, splits, _) = setup(cfg), Path(cfg.out_dir), load_parallel(cfg)
     model, tok, cfg = load_trained(cfg, ckpt) if ckpt or cfg.init_from else (None, None, cfg)
     if model is None:  # one BPE learned over both languages (section 5.1)
         tok = ByteBPE.train("\n".join(splits["train"]["src"] + splits["train"]["tgt"]), cfg.bpe_vocab_size, SPECIALS)
         log0(f"a byte-level BPE shared by {cfg.src} and {cfg.tgt}: {len(tok)} tokens")
         require(cfg.vocab_size in (0, len(tok)), f"--vocab_size {cfg.vocab_size} is not the vocabulary's {len(tok)}")
-        cfg = dataclasses.replace(cfg, vocab_size=len(tok))
-        model = build_model(cfg)
+        model = build_model(cfg := dataclasses.replace(cfg, vocab_size=len(tok)))
     pairs = {s: encode_pairs(tok, split) for s, split in splits.items()}
     longest, split, n = max((max(len(p["src"]), len(p["tgt"]) - 1), s, n)  # the decoder reads <s> y, predicts y </s>
                             for s, ps in pairs.items() for n, p in enumerate(ps, 1))
@@ -562,44 +565,30 @@ def train(cfg: Config) -> dict:
     src_len, tgt_len = (sum(len(p[k]) for p in pairs["train"]) / len(pairs["train"]) for k in ("src", "tgt"))
     log0(f"{name} {cfg.src}->{cfg.tgt}: {len(pairs['train']):,} training pairs in {len(batches.batches)} batches, "
          f"{len(pairs['val']):,} validation pairs; {sum(p.numel() for p in model.parameters()):,} parameters")
-
-    def scores(m, split: str) -> dict:  # the label-smoothed loss and the perplexity of a whole split
-        loss = nll = count = 0.0
-        for group in token_batches(pairs[split], cfg.batch_tokens, cfg.seed):
-            b = {k: v.to(device) for k, v in collate([pairs[split][i] for i in group], m.pad).items()}
-            logits, targets = m(b["src"], b["tgt_in"]).float().flatten(0, 1), b["tgt_out"].flatten()
-            loss += F.cross_entropy(logits, targets, ignore_index=m.pad, reduction="sum",
-                                    label_smoothing=cfg.label_smoothing).item()
-            nll += F.cross_entropy(logits, targets, ignore_index=m.pad, reduction="sum").item()
-            count += (targets != m.pad).sum().item()
-        return {"loss": loss / count, "nll": nll / count, "ppl": math.exp(min(nll / count, 700))}
-
     def evaluate(m):  # on val; and a copy of the weights for `average` (atomic, only finite ones, rank 0)
-        metrics, step = scores(m, "val"), batches.position // cfg.grad_accum
+        metrics, step = scores(m, pairs["val"], cfg, device), batches.position // cfg.grad_accum
         if RANK == 0 and cfg.keep_checkpoints and all(p.isfinite().all() for p in m.parameters()):
             save_checkpoint(out / f"ckpt_{step:07d}.pt", {"script": SCRIPT, "stage": "train", "step": step, "config":
                             dataclasses.asdict(cfg), "model": m.state_dict(), "tokenizer": tok.state()})
-            for old in sorted(out.glob("ckpt_*.pt"))[:-cfg.keep_checkpoints]:
-                old.unlink()
+            [old.unlink() for old in sorted(out.glob("ckpt_*.pt"))[:-cfg.keep_checkpoints]]  # the older ones
         return metrics
-
     opt = adamw(model, cfg.lr_factor * cfg.d_model ** -0.5, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, noam(cfg.warmup_steps))
     loss = functools.partial(pretrain_loss, label_smoothing=cfg.label_smoothing)
     metrics = train_loop(cfg, "train", model, opt, sched, batches, loss, evaluate, ckpt, total=cfg.total_steps,
                          tokens=cfg.batch_tokens * cfg.grad_accum, flops=model.flops_per_token(src_len, tgt_len - 1),
                          extra={"tokenizer": tok.state()})
-    if RANK == 0:  # the test BLEU of beam search (section 6.1), also in metrics.jsonl
-        with torch.no_grad(), ctx:
-            record = {"step": metrics["step"], "split": "test", **scores(model.eval(), "test")}
-            hyps = translate_lines(model, tok, splits["test"]["src"], cfg, device)
-        record.update(bleu=corpus_bleu(hyps, splits["test"]["tgt"]), beam=cfg.beam_size)
-        log_metrics(out, f"test BLEU {record['bleu']:.2f} (beam {cfg.beam_size}, sacreBLEU 13a), loss "
-                    f"{record['loss']:.4g}\n", **record)
-        for s, r, h in list(zip(splits["test"]["src"], splits["test"]["tgt"], hyps))[:4]:
-            log0(f"source     {s}\nreference  {r}\ntranslated {h}\n")
+    if RANK == 0 and test:  # the test BLEU of beam search (section 6.1), also in metrics.jsonl
+        record = test_bleu(model, tok, splits["test"], cfg, metrics["step"])
         metrics.update(bleu=record["bleu"], test_loss=record["loss"])
     return metrics
+
+def test(cfg: Config) -> dict:
+    """the test BLEU of the --init_from model on --data's test split, with --beam_size (1: greedy search)"""
+    require(cfg.init_from, "test needs --init_from a checkpoint (out_dir/ckpt.pt, or one that average wrote)")
+    ckpt, (name, splits, test_name) = load_checkpoint(cfg.init_from), load_parallel(cfg)
+    (model, tok, cfg), _ = load_trained(cfg, ckpt), Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    return {"task": f"{name} {test_name}", **test_bleu(model, tok, splits["test"], cfg, ckpt["step"], examples=0)}
 
 def translate(cfg: Config) -> list[str]:
     """the sentences on standard input, one per line, with the --init_from model (section 6.1)"""
@@ -638,8 +627,20 @@ def average(cfg: Config) -> dict:
     return {"path": str(out), "averaged": [str(p) for p in paths]}
 
 def main_job(cfg: Config) -> dict:
-    """train into out_dir/train: it ends with the test BLEU and a few translations"""
-    return train(dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / "train")))
+    """train into out_dir/train, average its kept copies (--keep_checkpoints, section 6.1) into out_dir/average, then
+    the test BLEU of beam search against greedy decoding into out_dir/test: the claim"""
+    out, last = Path(cfg.out_dir), min(cfg.average_last, cfg.keep_checkpoints)
+    at = lambda stage, **kw: dataclasses.replace(cfg, out_dir=str(out / stage), **kw)  # each stage in its folder
+    metrics, final = train(at("train"), test=False), out / "train" / "ckpt.pt"
+    if RANK:  # rank 0 decodes
+        return metrics
+    final = average(at("average", init_from=str(out / "train"), average_last=last))["path"] if last > 1 else final
+    beam, greedy = (test(at("test", init_from=str(final), beam_size=k)) for k in (cfg.beam_size, 1))
+    task, w, wo = beam["task"], beam["bleu"], greedy["bleu"]
+    differs = f"beam search of {beam['beam']} vs greedy decoding"
+    log_metrics(out, f"claim: {task} BLEU {w:.1f} vs {wo:.1f} ({differs})", split="claim", task=task, metric="BLEU",
+                **{"with": w, "without": wo}, differs=differs)
+    return {**metrics, "bleu": w, "greedy": wo, "claim": {"with": w, "without": wo, "task": task, "differs": differs}}
 
 # ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
 # Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.
@@ -893,7 +894,7 @@ def run_main(argv, stages: dict):
 # ==== end of harness ====
 
 def main(argv=None) -> dict:
-    return run_main(argv, {None: main_job, "train": train, "translate": translate, "average": average})
+    return run_main(argv, {None: main_job, "train": train, "average": average, "test": test, "translate": translate})
 
 if __name__ == "__main__":
     main()

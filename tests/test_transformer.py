@@ -470,8 +470,9 @@ def test_a_parallel_corpus_splits_at_newlines_only(tmp_path):
 
 
 def test_multi30k_folder_loads(shared_data):
-    name, splits = T.load_parallel(dataclasses.replace(T.PRESETS["tiny"], data=str(shared_data / "multi30k")))
+    name, splits, test = T.load_parallel(dataclasses.replace(T.PRESETS["tiny"], data=str(shared_data / "multi30k")))
     assert [len(splits[s]["src"]) for s in ("train", "val", "test")] == [29000, 1014, 1000]
+    assert (name, test) == ("multi30k", "test2016")  # the claim's task: "multi30k test2016"
     assert all(len(splits[s]["src"]) == len(splits[s]["tgt"]) for s in splits)
     assert splits["train"]["tgt"][0].startswith("Two young, White males")
 
@@ -486,7 +487,7 @@ def test_multi30k_by_name_from_its_pinned_gzipped_files(tmp_path, monkeypatch, s
         (tmp_path / name).write_bytes(data)
         files[name] = ((tmp_path / name).as_uri(), hashlib.sha256(data).hexdigest())
     monkeypatch.setattr(T, "DATASETS", {"multi30k": files})
-    name, splits = T.load_parallel(T.PRESETS["tiny"])
+    name, splits, test = T.load_parallel(T.PRESETS["tiny"])
     assert [len(splits[s]["tgt"]) for s in ("train", "val", "test")] == [29000, 1014, 1000]
     assert (tmp_path / "cache" / "multi30k" / "val.de").read_bytes() == (shared_data / "multi30k" / "val.de").read_bytes()
 
@@ -599,15 +600,41 @@ def test_translate_reads_standard_input_at_newlines_only(trained, monkeypatch, c
 
 
 def test_main_job_runs_as_a_script(tmp_path):
-    """One real subprocess: the main job on the built-in data, end to end."""
+    """One real subprocess: the main job on the built-in data, end to end: training, the average of the last kept
+    copies, the test BLEU of beam search and of greedy search, and the claim line last (issue 13)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NLP_LINEAGE_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, str(ROOT / "transformer.py"), *BASE, "--max_steps", "3",
-                        "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "transformer.py"), *BASE, "--max_steps", "3", "--eval_interval", "2",
+                        "--keep_checkpoints", "2", "--out_dir", str(tmp_path / "out")], capture_output=True, text=True,
+                       env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "SYNTHETIC copy task" in r.stdout and "test BLEU" in r.stdout and "translated" in r.stdout
+    assert "SYNTHETIC copy task" in r.stdout and "averaged 2 checkpoints" in r.stdout
     records = [json.loads(line) for line in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["split"] for r in records][-2:] == ["val", "test"] and "bleu" in records[-1]
-    assert (tmp_path / "out" / "train" / "ckpt.pt").is_file()
+    assert records[-1]["split"] == "val" and (tmp_path / "out" / "train" / "ckpt.pt").is_file()  # no decoding there
+    avg = T.load_checkpoint(tmp_path / "out" / "average" / "ckpt.pt", ("average",))
+    assert [Path(p).name for p in avg["averaged"]] == ["ckpt_0000002.pt", "ckpt_0000003.pt"]
+    beam, greedy = (json.loads(line) for line in (tmp_path / "out" / "test" / "metrics.jsonl").read_text().splitlines())
+    assert (beam["split"], beam["beam"], greedy["split"], greedy["beam"]) == ("test", 2, "test", 1)
+    assert beam["loss"] == greedy["loss"] and beam["step"] == 3  # one model, the average of steps 2 and 3
+    claim = r.stdout.strip().splitlines()[-1]
+    assert claim == f"claim: builtin-copy test BLEU {beam['bleu']:.1f} vs {greedy['bleu']:.1f} (beam search of 2 vs " \
+        "greedy decoding)"
+    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())  # one line: the claim
+    assert record == {"split": "claim", "task": "builtin-copy test", "metric": "BLEU", "with": beam["bleu"],
+                      "without": greedy["bleu"], "differs": "beam search of 2 vs greedy decoding"}
+
+
+def test_the_test_stage_scores_a_checkpoint_as_train_did(trained, tmp_path, capsys):
+    """`test` decodes the test split with --init_from's model: the same BLEU and loss train measured at its end, and
+    greedy search with --beam_size 1 (the two arms of the main job's claim, each a stage command)."""
+    at_end = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    argv = ["test", "--preset", "tiny", "--data", "builtin", *FP32, "--max_extra_len", "4", "--init_from",
+            str(trained / "ckpt.pt"), "--out_dir", str(tmp_path)]
+    beam = T.main(argv)
+    assert (beam["task"], beam["beam"], beam["step"]) == ("builtin-copy test", 2, 6)
+    assert beam["bleu"] == pytest.approx(at_end["bleu"]) and beam["loss"] == pytest.approx(at_end["loss"])
+    greedy = T.main([*argv, "--beam_size", "1"])
+    assert greedy["beam"] == 1 and "(greedy, " in capsys.readouterr().out
+    assert [json.loads(line)["beam"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 1]
 
 
 def test_bfloat16_autocast_trains_and_translates(tmp_path):
@@ -674,6 +701,7 @@ def test_bad_flags(args, message, capsys, tmp_path):
 def test_bad_inputs(trained, tmp_path, capsys, monkeypatch):
     assert "translate needs --init_from" in error_of(["translate"], capsys)
     assert "average needs --init_from" in error_of(["average"], capsys)
+    assert "test needs --init_from" in error_of(["test"], capsys)
     assert "does not exist" in error_of(["translate", "--init_from", str(tmp_path / "none.pt")], capsys)
     assert "does not exist" in error_of(["average", "--init_from", f"{trained}/ckpt.pt,{tmp_path}/none.pt"], capsys)
     corpus = tmp_path / "corpus"
