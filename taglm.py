@@ -12,33 +12,27 @@ What this file reproduces
     layer's output, h_k,1 = [fwd h_k,1; bwd h_k,1; h_k^LM]; `--lm_insert` is the paper's ablation of that point.
   - Span F1 as conlleval, early stopping on dev F1, the test F1 of the best dev model; CoNLL-2003 and CoNLL-2000.
 
-Run it (`--help` lists every field, grouped by stage)
-  python taglm.py                                  # main job: LMs into out_dir/lm, the tagger into out_dir/tag
-  python taglm.py pretrain-lm --data wikitext2 --out_dir out/lm
+Run it (`--help` lists every field, grouped by stage; `torchrun --nproc_per_node=N taglm.py ...`: data parallel)
+  python taglm.py          # main job: LMs on CoNLL-2003's training sentences; the tagger with and without them; claim
+  python taglm.py pretrain-lm --data conll2003 --out_dir out/lm        # or wikitext2, ptb, a text file or folder
   python taglm.py tag --init_from out/lm/ckpt.pt --tag_data conll2003 --out_dir out/ner   # or --lm_insert none
-  torchrun --nproc_per_node=2 taglm.py tag ...     # data parallel
 
 Deliberate deviations and choices
-  - `pretrain-lm` trains both LMs in one loop on the same windows. Its loss is the SUM of theirs, so each LM's
-    gradient is exactly that of its own loss, and each LM's gradient norm is clipped on its own: with --grad_clip c,
-    as a separate run with clip c (Adam is per parameter). Shared: one random stream for dropout, fp16's one scaler.
-  - Sizes: the `paper` preset's LMs are ELMo's size (4096 / 512), not CNN-BIG-LSTM's (8192 / 1024); the tagger's
-    are AllenNLP's CoNLL-2003 recipe (ner_elmo.jsonnet), as the paper's are not all published. No Senna vectors.
-  - LMs: Adam, a cosine schedule (Jozefowicz et al.: Adagrad), a full softmax over a capped vocabulary. A sentence
-    is read alone, between boundary tokens; the frozen LMs have no dropout, so `tag` computes its h^LM once.
-  - MFU: 2 FLOPs a weight use, 4 more backward, filters once a character. Offline: the Python docs, a SYNTHETIC task.
-  - Left out: the character-BiLSTM token encoder (the paper's other c_k), the BIOES tag scheme, and recomputing h^LM
-    in every step (the former --no-cache_lm).
+  - `pretrain-lm` trains both LMs in one loop on the same windows, on the SUM of their losses: each LM gets exactly
+    its own loss's gradient, clipped on its own (as a separate run). Shared: the dropout stream, fp16's one scaler.
+  - Sizes: the `paper` preset's LMs are ELMo's (4096 / 512), not CNN-BIG-LSTM's (8192 / 1024); the tagger's are
+    AllenNLP's CoNLL-2003 recipe (ner_elmo.jsonnet), as the paper's are not all published. No Senna vectors.
+  - LMs: Adam, a cosine schedule (Jozefowicz et al.: Adagrad), a full softmax over a capped vocabulary, by default on
+    the task's training sentences (the paper: the 1B Word Benchmark); a sentence is read alone, between boundaries,
+    without dropout: `tag` computes h^LM once. Offline: a SYNTHETIC task. MFU: 2 FLOPs a weight use, 4 more backward.
+  - Left out: the character-BiLSTM token encoder (the paper's other c_k), BIOES tags, recomputing h^LM every step.
 """
 
 from __future__ import annotations
 
-import argparse, atexit, contextlib, dataclasses, functools, gzip, hashlib, importlib, inspect, json, math, os, random
-import re, signal, sys, threading, time, typing, urllib.request, warnings
-from collections import Counter
-from dataclasses import dataclass
+import argparse, atexit, collections, contextlib, dataclasses, functools, gzip, hashlib, importlib, inspect, json, math
+import multiprocessing, os, random, re, signal, sys, threading, time, typing, urllib.request, warnings
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -51,7 +45,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_se
 # -----------------------------------------------------------------------------------------------------
 # Config
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # language models (section 2.3; CNN-BIG-LSTM is 8192 / 1024, these defaults are ELMo's size)
     lm_vocab_size: int = 100_000  # softmax words, <unk> and </s> included
@@ -64,7 +58,7 @@ class Config:
     lm_dropout: float = 0.1
     max_chars: int = 50  # characters per token, begin/end-of-word markers included (as ELMo); the tagger's too
     # pretrain-lm (Adam, linear warmup, then cosine decay)
-    data: str = "wikitext2"  # wikitext2, ptb, builtin, or a text file or folder
+    data: str = "conll2003"  # conll2003, conll2000 (its training sentences), wikitext2, ptb, builtin, a file or folder
     lm_block_size: int = 20  # tokens per training window
     lm_batch_size: int = 128
     lm_lr: float = 1e-3
@@ -72,8 +66,9 @@ class Config:
     lm_total_steps: int = 100_000
     # tag (sections 2.2 and 2.4; Adam at a constant lr; AllenNLP's ner_elmo recipe: 16/128/3, 50, 200, 0.5, ...)
     tag_data: str = "conll2003"  # conll2003, conll2000, builtin, or a folder in either layout
+    labelled: int = 0  # the tagger's labels: a random subset of this many training sentences, drawn by --seed (0: all)
     init_from: str = ""  # the pretrain-lm checkpoint whose frozen LMs give h^LM
-    lm_insert: Literal["layer1", "input", "layer2", "none"] = "layer1"  # where h^LM enters; none: the baseline
+    lm_insert: typing.Literal["layer1", "input", "layer2", "none"] = "layer1"  # where h^LM enters; none: the baseline
     char_dim: int = 16
     char_filters: int = 128  # filters of the tagger's character CNN
     char_width: int = 3  # their width
@@ -96,15 +91,15 @@ class Config:
     eval_batches: int = 50  # LM validation batches per evaluation, spread over the split (0: all)
     log_interval: int = 50
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; master weights stay fp32
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; master weights stay fp32
     compile: bool = False  # torch.compile the model
     seed: int = 1337
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(lm_vocab_size=10_000, lm_filters="1x32,2x32,3x64,4x128", lm_highway=1, lm_hidden=512, lm_proj=128,
-                    lm_n_layer=1, lm_batch_size=32, lm_lr=3e-3, lm_warmup_steps=50, lm_total_steps=600, char_filters=64,
-                    hidden=100, batch_size=32, epochs=2, patience=4, eval_interval=219, eval_batches=20),
+    "small": Config(lm_vocab_size=5000, lm_filters="1x32,2x32,3x64,4x128", lm_highway=1, lm_hidden=512, lm_proj=128,
+                    lm_n_layer=1, lm_batch_size=32, lm_lr=3e-3, lm_warmup_steps=50, lm_total_steps=1300, hidden=100,
+                    char_filters=64, batch_size=32, epochs=6, patience=4, eval_interval=438, eval_batches=20),
     "tiny": Config(lm_vocab_size=500, lm_char_dim=8, lm_filters="1x8,2x8,3x16", lm_highway=1, lm_hidden=32, lm_proj=16,
                    lm_n_layer=1, max_chars=16, lm_block_size=8, lm_batch_size=4, lm_lr=3e-3, lm_warmup_steps=2,
                    lm_total_steps=10, char_dim=8, char_filters=16, word_dim=16, hidden=16, batch_size=8, epochs=1,
@@ -118,7 +113,7 @@ def validate(cfg: Config) -> None:
                  "lm_lr", "lm_total_steps", "char_dim", "char_filters", "char_width", "word_dim", "hidden",
                  "batch_size", "lr", "epochs", "grad_accum", "eval_interval", "log_interval"):
         require(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("lm_highway", "lm_warmup_steps", "patience", "grad_clip", "max_steps", "eval_batches"):
+    for name in ("lm_highway", "lm_warmup_steps", "patience", "grad_clip", "max_steps", "eval_batches", "labelled"):
         require(getattr(cfg, name) >= 0, f"--{name} must not be negative, got {getattr(cfg, name)}")
     require(0 <= cfg.dropout < 1 and 0 <= cfg.lm_dropout < 1 and min(cfg.lm_vocab_size, cfg.max_chars) >= 3,
             "--dropout and --lm_dropout must be in [0, 1), --lm_vocab_size and --max_chars at least 3")
@@ -159,8 +154,7 @@ class Highway(nn.Module):
         self.transform, self.gate = nn.Linear(dim, dim), nn.Linear(dim, dim)
         nn.init.constant_(self.gate.bias, -2.0)
     def forward(self, x):
-        g = torch.sigmoid(self.gate(x))
-        return g * F.relu(self.transform(x)) + (1 - g) * x
+        return (g := torch.sigmoid(self.gate(x))) * F.relu(self.transform(x)) + (1 - g) * x
 
 class LanguageModel(nn.Module):
     """Char CNN -> highway -> projection -> LSTM with projection -> softmax; backward: run over the tokens reversed."""
@@ -216,16 +210,14 @@ class CRF(nn.Module):
         for name, a in zip(("allowed_trans", "allowed_start", "allowed_end"), allowed):
             self.register_buffer(name, a.clone(), persistent=False)
     def scores(self, emissions):  # -> (emissions, start, transitions, end): fp32 even under autocast
+        pairs = (self.start, self.allowed_start), (self.transitions, self.allowed_trans), (self.end, self.allowed_end)
         return (emissions if emissions.dtype == torch.float64 else emissions.float(),
-                self.start.masked_fill(~self.allowed_start, -10000.0),
-                self.transitions.masked_fill(~self.allowed_trans, -10000.0),
-                self.end.masked_fill(~self.allowed_end, -10000.0))
+                *(p.masked_fill(~ok, -10000.0) for p, ok in pairs))
     def forward(self, emissions, tags, mask):  # -> log p(tags) = s(y) - log Z (B,), as pytorch-crf's CRF.forward
         return self.path_score(emissions, tags, mask) - self.log_partition(emissions, mask)
     def path_score(self, emissions, tags, mask):  # -> s(y) (B,)
         emissions, start, trans, end = self.scores(emissions)
-        m = mask.to(emissions.dtype)
-        emit = emissions.gather(2, tags[..., None]).squeeze(2) * m  # (B, T)
+        emit = emissions.gather(2, tags[..., None]).squeeze(2) * (m := mask.to(emissions.dtype))  # (B, T)
         last = tags.gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)
         return start[tags[:, 0]] + emit.sum(1) + (trans[tags[:, :-1], tags[:, 1:]] * m[:, 1:]).sum(1) + end[last]
     def log_partition(self, emissions, mask):  # -> log Z (B,)
@@ -246,14 +238,12 @@ class CRF(nn.Module):
         deltas, back = [start + emissions[:, 0]], []  # delta (B, N): the best score of a path ending in each tag
         for e_t in emissions[:, 1:].unbind(1):  # every step of every row, as in log_partition
             best, arg = (deltas[-1][:, :, None] + trans).max(dim=1)  # over the previous tag
-            deltas.append(best + e_t)
-            back.append(arg)  # (B, N)
+            deltas.append(best + e_t), back.append(arg)  # arg (B, N)
         last, rows = mask.sum(1) - 1, torch.arange(len(mask), device=mask.device)
         score, cur = (torch.stack(deltas, 1)[rows, last] + end).max(dim=1)
         path = [cur]  # backwards; past a row's last step the path stands still
         for t, arg in reversed(list(enumerate(back, 1))):
-            cur = torch.where(t > last, cur, arg.gather(1, cur[:, None]).squeeze(1))
-            path.append(cur)
+            path.append(cur := torch.where(t > last, cur, arg.gather(1, cur[:, None]).squeeze(1)))
         return torch.stack(path[::-1], 1) * mask, score
 
 def allowed_transitions(tag_list: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,34 +256,25 @@ class Tagger(nn.Module):
     """TagLM: x_k = [c_k; w_k] -> BiLSTM 1 -> [h_k,1; h_k^LM] -> BiLSTM 2 -> dense -> CRF (sections 2.2, 2.4)."""
     def __init__(self, cfg: Config, n_words: int, tag_list: list[str], lms: LanguageModels | None):
         super().__init__()
-        self.insert = cfg.lm_insert if lms is not None else "none"
-        self.lms = lms.requires_grad_(False) if lms is not None else None  # frozen: the tagger never changes them
-        self.chars = CharCNN(cfg.char_dim, [(cfg.char_width, cfg.char_filters)])
+        self.insert, self.lms = (cfg.lm_insert, lms.requires_grad_(False)) if lms else ("none", None)  # LMs: frozen
+        self.chars, self.drop = CharCNN(cfg.char_dim, [(cfg.char_width, cfg.char_filters)]), nn.Dropout(cfg.dropout)
         self.words = nn.Embedding(n_words, cfg.word_dim, padding_idx=0)
         d_x, d_lm, H = self.chars.out_dim + cfg.word_dim, 2 * cfg.lm_proj if lms is not None else 0, cfg.hidden
         self.layer1 = nn.LSTM(d_x + d_lm * (self.insert == "input"), H, batch_first=True, bidirectional=True)
         self.layer2 = nn.LSTM(2 * H + d_lm * (self.insert == "layer1"), H, batch_first=True, bidirectional=True)
         self.out = nn.Linear(2 * H + d_lm * (self.insert == "layer2"), len(tag_list))
-        self.drop = nn.Dropout(cfg.dropout)
         self.crf = CRF(len(tag_list), allowed_transitions(tag_list) if cfg.crf_constraints else None)
-    @torch.no_grad()
     def lm_embeddings(self, chars):  # (B, T, W) sentences of T words -> h^LM = [fwd h^LM; bwd h^LM] (B, T, 2P)
         """Each sentence framed by boundary tokens, </s> w_1 .. w_n </s>, read by both frozen LMs, without dropout."""
         edge = F.pad(torch.tensor(word_chars(BOUNDARY, 3), device=chars.device), (0, chars.size(2) - 3))
         framed = torch.cat([edge.expand(len(chars), 1, -1), chars, edge.expand(len(chars), 1, -1)], 1)  # (B, T + 2, W)
         return torch.cat([self.lms.eval().fwd.hidden(framed), self.lms.bwd.hidden(framed)], -1)[:, 1:-1]
     def emissions(self, batch: dict):  # -> tag scores (B, T, N); batch["lm"]: h^LM from cache_lm_embeddings
-        lengths, lm = batch["lengths"], batch["lm"] if self.insert != "none" else None
+        lengths, lm = batch["lengths"], batch.get("lm")
+        join = lambda h, point: torch.cat([h, lm.to(h.dtype)], -1) if self.insert == point else h  # h^LM enters here
         x = self.drop(torch.cat([self.chars(batch["chars"]), self.words(batch["words"])], -1))  # x_k = [c_k; w_k]
-        if self.insert == "input":
-            x = torch.cat([x, lm.to(x.dtype)], -1)
-        h = run_lstm(self.layer1, x, lengths)  # h_k,1 = [fwd h_k,1; bwd h_k,1]   (B, T, 2H)
-        if self.insert == "layer1":
-            h = torch.cat([h, lm.to(h.dtype)], -1)  # [fwd h_k,1; bwd h_k,1; h_k^LM]   (B, T, 2H + 2P)
-        h = run_lstm(self.layer2, self.drop(h), lengths)
-        if self.insert == "layer2":
-            h = torch.cat([h, lm.to(h.dtype)], -1)
-        return self.out(self.drop(h))
+        h = join(run_lstm(self.layer1, join(x, "input"), lengths), "layer1")  # the paper's: [h_k,1; h_k^LM]
+        return self.out(self.drop(join(run_lstm(self.layer2, self.drop(h), lengths), "layer2")))
     def forward(self, batch: dict):  # -> the negative log-likelihood of the tags, averaged over the sentences
         return -self.crf(self.emissions(batch), batch["tags"], batch["mask"]).mean()
 
@@ -301,24 +282,20 @@ def run_lstm(lstm: nn.LSTM, x, lengths):  # a BiLSTM over right-padded x (B, T, 
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
     return pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=x.size(1))[0]
 
-@torch.no_grad()
 def cache_lm_embeddings(model: Tagger, examples: list[dict], batch_size: int, device, ctx) -> None:
     """Each example's h^LM (n, 2P) under "lm", once; batches of sentences of one length: each is read as if alone."""
-    for n in sorted({len(e["words"]) for e in examples}):
-        same = [e for e in examples if len(e["words"]) == n]
+    for same in ([e for e in examples if len(e["words"]) == n] for n in sorted({len(e["words"]) for e in examples})):
         for k in range(0, len(same), batch_size):
             with ctx:
                 h = model.lm_embeddings(collate(same[k:k + batch_size])["chars"].to(device)).float().cpu()
-            for e, row in zip(same[k:k + batch_size], h):
-                e["lm"] = row
+            [e.update(lm=row) for e, row in zip(same[k:k + batch_size], h)]
 
 def spans(tags: list[str]) -> set[tuple[str, int, int]]:
     """Spans (type, start, end) as conlleval reads them: from B-X or an I-X not continuing X, over the I-X after it."""
     out, kind, start = set(), None, 0
     for i, tag in enumerate(list(tags) + ["O"]):
         if kind is not None and not (tag[0] == "I" and tag[2:] == kind):
-            out.add((kind, start, i))
-            kind = None
+            out, kind = out | {(kind, start, i)}, None
         if kind is None and tag[0] in ("B", "I"):
             kind, start = tag[2:], i
     return out
@@ -333,15 +310,13 @@ def span_f1(gold: list[list[str]], pred: list[list[str]]) -> dict:
     return {**prf(), "per_type": {kind: prf(kind) for kind in sorted({s[1] for s in g | p})}}
 
 def evaluate_tagger(model: Tagger, examples: list[dict], tag_list: list[str], batch_size: int, device):
-    """(loss, precision, recall, F1 of the Viterbi tags' spans; the scores per type); the loss: the mean NLL of the
-    sentences whose tags were all seen in training."""
+    """(loss, precision, recall, F1 of the Viterbi tags' spans; per type); loss: mean NLL where all tags are seen."""
     preds, nll, n_known = [], 0.0, 0
     for i in range(0, len(examples), batch_size):
         b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
         em, known = model.emissions(b), ((b["tags"] >= 0) | ~b["mask"]).all(1)
         nll -= model.crf(em[known], b["tags"][known], b["mask"][known]).sum().item() if known.any() else 0.0
-        n_known += int(known.sum())
-        path = model.crf.viterbi(em, b["mask"])[0]
+        n_known, path = n_known + int(known.sum()), model.crf.viterbi(em, b["mask"])[0]
         preds += [[tag_list[j] for j in row[:n]] for row, n in zip(path.tolist(), b["lengths"].tolist())]
     scores = span_f1([e["gold"] for e in examples], preds)
     return {"loss": nll / max(n_known, 1), **{k: scores[k] for k in ("precision", "recall", "f1")}}, scores["per_type"]
@@ -360,14 +335,13 @@ PAD_CHAR, BOW, EOW, BOUNDARY_CHAR, N_CHARS = 0, 257, 258, 259, 260  # byte b is 
 BOUNDARY, UNK = "</s>", "<unk>"  # the sentence boundary token; the unknown word
 
 def word_chars(word: str, max_chars: int) -> list[int]:  # [BOW, bytes, EOW]; ELMo too cuts it at max_chars
-    inner = [BOUNDARY_CHAR] if word == BOUNDARY else [b + 1 for b in word.encode("utf-8")[:max_chars - 2]]
-    return [BOW] + inner + [EOW]
+    return [BOW] + ([BOUNDARY_CHAR] if word == BOUNDARY else [b + 1 for b in word.encode()[:max_chars - 2]]) + [EOW]
 
 def chars_tensor(words: list[str], max_chars: int) -> torch.Tensor:  # (n, W), right-padded with PAD_CHAR
     return pad_sequence([torch.tensor(word_chars(w, max_chars)) for w in words], batch_first=True)
 
 def lm_vocab(text: str, size: int) -> list[str]:  # <unk>, </s>, the most frequent words (ties: first seen first)
-    counts = Counter(w for w in text.split() if w not in (UNK, BOUNDARY)).most_common(size - 2)
+    counts = collections.Counter(w for w in text.split() if w not in (UNK, BOUNDARY)).most_common(size - 2)
     return [UNK, BOUNDARY] + [w for w, _ in counts]
 
 # -----------------------------------------------------------------------------------------------------
@@ -427,8 +401,7 @@ class LMWindows:
         require(len(tokens) // WORLD > self.block_size + 1, f"the LM {what} text has {len(tokens) // WORLD} tokens per "
                 f"rank, fewer than a window of {self.block_size + 1}; use more data or a smaller --lm_block_size")
     def window(self, starts: list[int]) -> dict:  # -> chars (B, block_size + 1, W), their LM ids: targets
-        types = torch.stack([self.types[s:s + self.block_size + 1] for s in starts])
-        chars = self.type_chars[types]
+        chars = self.type_chars[types := torch.stack([self.types[s:s + self.block_size + 1] for s in starts])]
         return {"chars": chars[..., :int((chars > 0).sum(-1).max())], "targets": self.type_ids[types]}
     def __next__(self) -> dict:
         gen, self.position = torch.Generator().manual_seed(hash((self.seed, RANK, self.position))), self.position + 1
@@ -447,8 +420,7 @@ def parse_conll(text: str, where: str, n_columns: int | None) -> tuple[list[dict
             require(len(cols) == n_columns >= 2, f"{where}:{n}: expected {n_columns} space-separated columns (WORD "
                     f"... TAG), got {len(cols)}; is this the right CoNLL format?")
             require(re.fullmatch(r"O|[BI]-.+", cols[-1]), f"{where}:{n}: tag {cols[-1]!r} is not O, B-TYPE or I-TYPE")
-            words.append(cols[0])
-            tags.append(cols[-1])
+            words.append(cols[0]), tags.append(cols[-1])
         elif words:  # a blank line or -DOCSTART- ends a sentence
             sentences.append({"words": words, "tags": tags})
             words, tags = [], []
@@ -474,14 +446,11 @@ def synthetic_ner(n: int, seed: int) -> str:
                  "{MISC} .", "shares in {ORG} fell in {LOC} trading .", "the {MISC} team met {PER} in {LOC} .",
                  "{LOC} {LOC} flights resumed after the {MISC} .", "police in {LOC} said {PER} had left ."]
     for _ in range(n):
-        for word in rng.choice(templates).split():
-            kind = word.strip("{}")
-            if kind == word:
-                lines.append(f"{word} NN O O")
-                continue
-            for j, w in enumerate(rng.choice(names[kind].split("|")).split()):
+        for word, kind in ((w, w.strip("{}")) for w in rng.choice(templates).split()):
+            for j, w in enumerate(rng.choice(names[kind].split("|")).split() if kind != word else []):
                 adjacent = j == 0 and lines and lines[-1].endswith(f"-{kind}")  # IOB1: B- only between two spans
                 lines.append(f"{w} NNP I-NP {'B' if adjacent else 'I'}-{kind}")
+            lines += [f"{word} NN O O"] if kind == word else []
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -509,7 +478,7 @@ def load_tagging(data: str, seed: int) -> tuple[str, dict]:
 
 def encode_tagging(sentences: list[dict], words: dict, tags: dict, max_chars: int, split: str) -> list[dict]:
     """Examples {words, chars (n, W), tags, gold}: lowercased word ids (1: <unk>), tag ids (unseen in training: -1)."""
-    unseen = Counter(t for s in sentences for t in s["tags"] if t not in tags)
+    unseen = collections.Counter(t for s in sentences for t in s["tags"] if t not in tags)
     unseen and log0(f"warning: {split} data has {sum(unseen.values())} tags unseen in training "
                     f"({', '.join(sorted(unseen))}); they count as errors of the model")
     return [{"words": torch.tensor([words.get(w.lower(), 1) for w in s["words"]]),
@@ -526,20 +495,21 @@ def collate(examples: list[dict]) -> dict:
     batch["mask"] = torch.arange(batch["words"].size(1))[None, :] < batch["lengths"][:, None]
     return batch
 
-# Copied from gpt.py: EpochSampler
-class EpochSampler:
-    """Shuffled minibatches of collate(examples), a new permutation each epoch, each rank its own slice of every
-    batch and as many batches as the others. `position` counts the batches drawn."""
-
-    def __init__(self, examples: list, batch_size: int, seed: int):
-        self.examples, self.batch_size, self.seed, self.position = examples, batch_size, seed, 0
-        self.per_epoch = max(1, len(examples) // (batch_size * WORLD))
-
+class BucketSampler:
+    """Shuffled minibatches of collate(examples), each of similar lengths (padding doubles a CPU step's cost)."""
+    def __init__(self, examples: list, batch_size: int, seed: int, accum: int = 1):
+        self.examples, self.batch_size, self.seed, self.position, self.epoch = examples, batch_size, seed, 0, None
+        self.per_epoch, self.n = max(1, len(examples) // (batch_size * WORLD)), batch_size * WORLD * accum
     def __next__(self) -> dict:
-        (epoch, index), self.position = divmod(self.position, self.per_epoch), self.position + 1
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
+        (epoch, index), self.position, n = divmod(self.position, self.per_epoch), self.position + 1, self.n
+        if self.epoch != epoch:  # this epoch's order, once; `position` says it all
+            g, size = torch.Generator().manual_seed(self.seed + epoch), lambda i: len(self.examples[i]["words"])
+            order = torch.randperm(len(self.examples), generator=g).tolist()  # sorted by length in pools of 50 batches
+            flat = [i for k in range(0, len(order), 50 * n) for i in sorted(order[k:k + 50 * n], key=size)]
+            groups = torch.randperm(len(flat) // n, generator=g).tolist()  # batches of batch_size x ranks x grad_accum
+            self.epoch, self.order = epoch, [i for k in groups for i in flat[k * n:k * n + n]] + flat[len(groups) * n:]
         start = (index * WORLD + RANK) * self.batch_size
-        return collate([self.examples[i] for i in order[start:start + self.batch_size].tolist()])
+        return collate([self.examples[i] for i in self.order[start:start + self.batch_size]])
 
 # -----------------------------------------------------------------------------------------------------
 # Stages: pretrain-lm (section 2.3), tag (sections 2.2 and 2.4)
@@ -554,10 +524,13 @@ def warmup_then_decay(warmup: int, total: int, floor: float = 0.0, shape: str = 
     return f
 
 def pretrain_lm(cfg: Config) -> dict:
-    """the forward and backward LMs on --data (section 2.3)"""
-    ckpt = open_run(cfg, "pretrain-lm", LM_FIELDS + ("data", "lm_vocab_size"))
-    device, _, _ = setup(cfg)
-    name, train_text, val_text = load_lm_text(cfg.data)
+    """the forward and backward LMs on --data: text, or tagging data's training sentences (section 2.3)"""
+    ckpt, (device, _, _) = open_run(cfg, "pretrain-lm", LM_FIELDS + ("data", "lm_vocab_size")), setup(cfg)
+    if cfg.data in ("conll2003", "conll2000") or (Path(cfg.data) / "eng.train").is_file():
+        name, splits = load_tagging(cfg.data, cfg.seed)  # tagging data: its training sentences, dev's to validate
+        train_text, val_text = ("\n".join(" ".join(s["words"]) for s in splits[k]) for k in ("train", "dev"))
+    else:
+        name, train_text, val_text = load_lm_text(cfg.data)
     vocab = ckpt["lm_vocab"] if ckpt else lm_vocab(train_text, cfg.lm_vocab_size)
     batches, val = LMWindows(train_text, vocab, cfg, "training"), LMWindows(val_text, vocab, cfg, "validation")
     model = build_model(cfg, len(vocab)).to(device)
@@ -581,8 +554,7 @@ def pretrain_lm(cfg: Config) -> dict:
 
 def tag(cfg: Config) -> dict:
     """the tagger on --tag_data with the frozen LMs of --init_from (sections 2.2, 2.4); test F1 of the best dev model"""
-    ckpt = open_run(cfg, "tag", TAGGER_FIELDS + ("tag_data",))
-    device, _, ctx = setup(cfg)
+    ckpt, (device, _, ctx) = open_run(cfg, "tag", TAGGER_FIELDS + ("tag_data", "labelled")), setup(cfg)
     require(ckpt or cfg.init_from or cfg.lm_insert == "none", "tag needs --init_from LM/ckpt.pt or --lm_insert none")
     src = ckpt or (load_checkpoint(cfg.init_from, ("pretrain-lm",)) if cfg.lm_insert != "none" else None)
     cfg = dataclasses.replace(cfg, **{k: src["config"][k] for k in LM_FIELDS} if src else {})  # the LMs' sizes
@@ -590,6 +562,7 @@ def tag(cfg: Config) -> dict:
     if lms is not None:  # the weights pretrain-lm left, or (resumed) this run's, before h^LM is computed from them
         lms.load_state_dict({k.removeprefix("lms."): v for k, v in src["model"].items() if not ckpt or k[:4] == "lms."})
     name, splits = load_tagging(cfg.tag_data, cfg.seed)
+    splits["train"] = random.Random(cfg.seed).sample(t, n) if len(t := splits["train"]) > (n := cfg.labelled) > 0 else t
     word_list, tag_list, glove = (ckpt["words"], ckpt["tags"], {}) if ckpt else tag_vocab(splits, cfg)
     words, tags = {w: i for i, w in enumerate(word_list)}, {t: i for i, t in enumerate(tag_list)}
     data = {split: encode_tagging(s, words, tags, cfg.max_chars, split) for split, s in splits.items()}
@@ -597,8 +570,8 @@ def tag(cfg: Config) -> dict:
     if glove:
         model.words.weight.data[[words[w] for w in glove]] = torch.stack(list(glove.values())).to(device)
     for examples in data.values() if lms is not None else ():  # the frozen LMs' h^LM of each sentence, once
-        cache_lm_embeddings(model, examples, cfg.batch_size, device, ctx)
-    batches = EpochSampler(data["train"], cfg.batch_size, cfg.seed)
+        cache_lm_embeddings(model, examples, 8 * cfg.batch_size, device, ctx)
+    batches = BucketSampler(data["train"], cfg.batch_size, cfg.seed, cfg.grad_accum)
     total = max(1, batches.per_epoch * cfg.epochs // cfg.grad_accum)  # optimizer steps
     log0(f"tagging {name}: {', '.join(f'{len(v):,} {k}' for k, v in data.items())} sentences, tags {tag_list}, "
          f"{len(word_list):,} words ({len(glove):,} GloVe), h^LM: {model.insert}, {total} steps")
@@ -615,12 +588,12 @@ def tag(cfg: Config) -> dict:
     types = ", ".join(f"{typ} {100 * s['f1']:.2f}" for typ, s in per_type.items())
     log_metrics(cfg.out_dir, f"test F1 {100 * test['f1']:.2f} (the best dev F1 {100 * summary['best']:.2f}) on {name}; "
                 f"per type: {types}", step=summary["step"], split="test", **test)
-    return {**summary, "test_f1": test["f1"], "test_per_type": per_type}
+    return {**summary, "test_f1": test["f1"], "test_per_type": per_type, "data": name}
 
 def tag_vocab(splits: dict, cfg: Config) -> tuple[list[str], list[str], dict]:
     """(words, tags, GloVe vectors): training words seen twice (singletons are <unk>, so that it trains), with --glove
     also words of any split it has a vector for (vectors are not labels); the training tags."""
-    counts = Counter(w.lower() for s in splits["train"] for w in s["words"])
+    counts = collections.Counter(w.lower() for s in splits["train"] for w in s["words"])
     word_list = ["<pad>", UNK] + sorted((w for w, c in counts.items() if c >= 2), key=lambda w: -counts[w])
     wanted, glove = {w.lower() for sentences in splits.values() for s in sentences for w in s["words"]}, {}
     for n, line in enumerate(read_text(cfg.glove).split("\n") if cfg.glove else [], 1):  # `word v1 ... vd` a line
@@ -631,15 +604,43 @@ def tag_vocab(splits: dict, cfg: Config) -> tuple[list[str], list[str], dict]:
             glove.update({word: torch.tensor([float(v) for v in values])} if word in wanted else {})
         except ValueError:
             raise UserError(f"{cfg.glove}:{n}: a vector value is not a number") from None
-    word_list += sorted(set(glove) - set(word_list))
-    return word_list, sorted({t for s in splits["train"] for t in s["tags"]}), glove
+    return word_list + sorted(glove.keys() - word_list), sorted({t for s in splits["train"] for t in s["tags"]}), glove
 
 def main_job(cfg: Config) -> dict:
-    """pretrain-lm into out_dir/lm, then tag into out_dir/tag with those LMs; prints the test F1"""
-    lm = Path(cfg.out_dir) / "lm"
-    if cfg.lm_insert != "none":  # (the baseline needs no LMs)
-        pretrain_lm(dataclasses.replace(cfg, out_dir=str(lm)))
-    return tag(dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / "tag"), init_from=str(lm / "ckpt.pt")))
+    """pretrain-lm into out_dir/lm; tag with the LMs into out_dir/tag and, beside it, without into out_dir/tag-none"""
+    out, differs = Path(cfg.out_dir), f"frozen LM embeddings at {cfg.lm_insert} vs none; same tagger, epochs, seed, lr"
+    run = lambda sub, **changes: dataclasses.replace(cfg, out_dir=str(out / sub), **changes,
+                                                     resume=cfg.resume and (out / sub / "ckpt.pt").is_file())
+    if cfg.lm_insert == "none":  # the baseline alone
+        return tag(run("tag"))
+    lm, pair = pretrain_lm(run("lm")), (run("tag", init_from=f"{out}/lm/ckpt.pt"), run("tag-none", lm_insert="none"))
+    arms = side_by_side(tag, *pair) if WORLD == 1 else [tag(c) for c in pair]  # under torchrun: in turn
+    (w, wo), task = (round(100 * r["test_f1"], 2) for r in arms), arms[0]["data"]
+    log_metrics(cfg.out_dir, f"claim: {task} test F1 {w:.1f} vs {wo:.1f} ({differs})", split="claim", task=task,
+                metric="test F1", **{"with": w, "without": wo}, differs=differs)
+    return {"lm": lm, "tag": arms[0], "tag-none": arms[1], "claim": {"with": w, "without": wo, "task": task}}
+
+def side_by_side(fn, mine: Config, other: Config) -> tuple:
+    """(fn(mine), fn(other)) at once, `other` in a second process (its log: out_dir/stdout.log), on half the threads"""
+    n, (recv, send) = torch.get_num_threads(), multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("spawn").Process(target=in_child, args=(fn, other, send, n), daemon=True)
+    child.start(), send.close(), torch.set_num_threads(max(1, n - n // 2))
+    log0(f"{other.out_dir} trains beside {mine.out_dir} in a second process; its log: {other.out_dir}/stdout.log")
+    try:
+        first, (ok, second) = fn(mine), recv.recv()  # EOFError: it crashed (its traceback is above)
+    except (KeyboardInterrupt, SystemExit):
+        child.join(60)  # Ctrl-C reached it too: it saves its step and stops
+        raise
+    torch.set_num_threads(n), require(ok, second)
+    return first, second
+
+def in_child(fn, cfg: Config, send, n: int) -> None:  # side_by_side's second process, on n // 2 threads
+    torch.set_num_threads(max(1, n // 2)), Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    sys.stdout = open(Path(cfg.out_dir) / "stdout.log", "a", buffering=1)
+    try:
+        send.send((True, fn(cfg)))
+    except UserError as e:
+        send.send((False, str(e)))
 
 # ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
 # Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.

@@ -442,6 +442,38 @@ def test_lm_windows_pair_each_token_with_its_characters_and_id():
     assert all(torch.equal(next(stream)["targets"], b) for b in first[2:])
 
 
+def test_bucket_sampler_draws_each_sentence_once_an_epoch_in_batches_of_similar_lengths():
+    _, splits = taglm.load_tagging("builtin", 0)
+    word_list, tag_list, _ = taglm.tag_vocab(splits, TINY)
+    examples = taglm.encode_tagging(splits["train"], {w: i for i, w in enumerate(word_list)},
+                                    {t: i for i, t in enumerate(tag_list)}, TINY.max_chars, "train")
+    sampler = taglm.BucketSampler(examples, 8, seed=3)
+    epoch = [next(sampler) for _ in range(sampler.per_epoch)]
+    assert sorted(sampler.order) == list(range(len(examples))) and sampler.per_epoch == len(examples) // 8
+    assert sum(len(b["lengths"]) for b in epoch) == 8 * sampler.per_epoch
+    padding = sum(int((~b["mask"]).sum()) for b in epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(3)).tolist()
+    shuffled = [taglm.collate([examples[i] for i in order[k:k + 8]]) for k in range(0, 8 * sampler.per_epoch, 8)]
+    assert padding < 0.25 * sum(int((~b["mask"]).sum()) for b in shuffled)  # far less padding than plain shuffling
+    first = list(sampler.order)
+    next(sampler)  # the next epoch: another order
+    assert sampler.order != first
+    resumed = taglm.BucketSampler(examples, 8, seed=3)
+    resumed.position = 5  # resume: the position alone gives the same batches
+    batch = next(resumed)
+    assert all(torch.equal(batch[k], epoch[5][k]) for k in ("words", "chars", "tags"))
+
+
+def test_pretrain_lm_reads_tagging_data_as_its_training_sentences_never_test(tmp_path):
+    sentence = "John NNP I-NP I-PER\nsaid VBD I-VP O\nhello UH I-NP O\n\n"
+    test = "Zanzibar NNP I-NP I-LOC\n"
+    folder = write_conll(tmp_path / "data", train=GOOD + sentence * 6, dev=sentence * 4, test=test)
+    taglm.main(["pretrain-lm", "--preset", "tiny", "--data", str(folder), "--out_dir", str(tmp_path / "lm"),
+                "--lm_total_steps", "2", *FP32])
+    vocab = torch.load(tmp_path / "lm" / "ckpt.pt", weights_only=False)["lm_vocab"]
+    assert {"John", "said", "hello"} <= set(vocab) and "Zanzibar" not in vocab and "I-PER" not in vocab
+
+
 def test_lm_text_reads_any_folder_and_says_when_a_path_is_missing(tmp_path, capsys):
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / "a.txt").write_text("one two three\n" * 50)
@@ -617,6 +649,16 @@ def test_early_stopping_on_dev_f1(tmp_path, capsys):
     assert summary["step"] == 3 and "early stopping at step 3: no better dev f1 in 2" in capsys.readouterr().out
 
 
+def test_labelled_trains_on_a_subset_drawn_by_the_seed_the_same_in_both_arms(lm_ckpt, tmp_path, capsys):
+    for arm in (["--init_from", str(lm_ckpt)], ["--lm_insert", "none"], ["--lm_insert", "none", "--seed", "7"]):
+        taglm.main(tag_args(tmp_path / str(len(list(tmp_path.iterdir()))), *arm, "--labelled", "100", "--max_steps", "1"))
+    assert capsys.readouterr().out.count("tagging builtin-synthetic: 100 train, 200 dev, 200 test") == 3
+    _, splits = taglm.load_tagging("builtin", TINY.seed)
+    drawn = taglm.random.Random(TINY.seed).sample(splits["train"], 100)
+    words = [torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["words"] for d in "012"]
+    assert words[0] == words[1] == taglm.tag_vocab({"train": drawn, "dev": [], "test": []}, TINY)[0] != words[2]
+
+
 def test_tag_resume_mid_epoch_recomputes_the_lm_cache_from_its_own_checkpoint(lm_ckpt, tmp_path):
     """Resumed, `tag` takes the frozen LMs from its own checkpoint (not --init_from), recomputes h^LM and ends where
     the uninterrupted run ends."""
@@ -747,3 +789,24 @@ def test_smoke_subprocess_main_job(tmp_path):
     assert "test F1" in r.stdout and "SYNTHETIC" in r.stdout
     assert "oneDNN" not in r.stdout + r.stderr and "Warning" not in r.stderr, r.stderr
     assert (tmp_path / "lm" / "ckpt.pt").is_file() and (tmp_path / "tag" / "best.pt").is_file()
+    # both arms, the second beside the first in its own process, then the claim: test F1 with vs without the LMs
+    assert (tmp_path / "tag-none" / "best.pt").is_file()
+    assert "test F1" in (tmp_path / "tag-none" / "stdout.log").read_text()  # its log
+    claim = [r for r in records(tmp_path) if r["split"] == "claim"]
+    arms = [[r for r in records(tmp_path / d) if r["split"] == "test"][0]["f1"] for d in ("tag", "tag-none")]
+    assert len(claim) == 1 and claim[0]["task"] == "builtin-synthetic" and claim[0]["metric"] == "test F1"
+    assert [claim[0]["with"], claim[0]["without"]] == [round(100 * f1, 2) for f1 in arms]
+    assert claim[0]["differs"].startswith("frozen LM embeddings at layer1 vs none")
+    line = r.stdout.strip().splitlines()[-1]
+    assert line == f"claim: builtin-synthetic test F1 {claim[0]['with']:.1f} vs {claim[0]['without']:.1f} " \
+                   f"({claim[0]['differs']})"
+    assert json.loads((tmp_path / "tag-none" / "config.json").read_text())["lm_insert"] == "none"
+
+
+def test_an_error_in_the_second_process_is_one_line_in_the_first(tmp_path):
+    good = dataclasses.replace(TINY, tag_data="builtin", lm_insert="none", out_dir=str(tmp_path / "a"), max_steps=2,
+                               device="cpu", dtype="float32")
+    bad = dataclasses.replace(good, tag_data=str(tmp_path / "nowhere"), out_dir=str(tmp_path / "b"))
+    with pytest.raises(taglm.UserError, match="unknown tagging data"):
+        taglm.side_by_side(taglm.tag, good, bad)
+    assert (tmp_path / "a" / "best.pt").is_file()
