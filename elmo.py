@@ -11,32 +11,26 @@ position, so that --resume is exact; Adagrad: bilm_tf_adagrad); sections 3.2-3.3
 lambda ||w||^2) in a task model over the frozen biLM; the released weights (`--init_from allennlp:OPTIONS,WEIGHTS`).
 
 Run it (`--help` lists every field by stage; `task` uses the task_* fields, Adam and AllenNLP's gradient clip of 5)
-  python elmo.py                # main job: small biLM on wikitext2, SST-2 with and without ELMo (offline: built-in)
-  python elmo.py pretrain --data wikitext2 --out_dir out/bilm
+  python elmo.py   # main job: a small biLM on SST-2's training sentences, 1,000 SST-2 labels with and without ELMo
+  python elmo.py pretrain --data wikitext2 --out_dir out/bilm   # sst2 or a folder with train.tsv: its sentences
   python elmo.py task --init_from out/bilm/ckpt.pt --task_data sst2 --out_dir out/sst2   # --no-use_elmo: baseline
   python elmo.py embed --init_from allennlp:options.json,weights.hdf5 --embed_file sents.txt   # out_dir/elmo.hdf5
   torchrun --nproc_per_node=2 elmo.py pretrain ...  # data parallel; each rank carries the state of its own rows
 
 Deviations: negatives drawn with replacement (TensorFlow: unique ones); the backward LM reads the reversed stream in the
-forward LM's rows (bilm-tf shuffles the two apart); WikiText-2 (offline: Python's docs) for the 1B Word Benchmark; the
-task: a BiLSTM on SST-2 (the paper's SST-5 model is a BCN with GloVe). Left out: the cosine schedule (bilm-tf's Adagrad
-runs at a constant rate); embed's npz output (hdf5 is what AllenNLP's `elmo` command writes and ELMo users read; the
-released weights need h5py anyway); --beta1/2, --weight_decay, --adagrad_init; --init_from a task checkpoint's biLM.
+forward LM's rows (bilm-tf shuffles the two apart); SST-2's training sentences or WikiText-2 (offline: Python's docs)
+for the 1B Word Benchmark; the task: a BiLSTM on SST-2 (the paper's SST-5 model is a BCN with GloVe). Left out: the
+cosine schedule (bilm-tf's Adagrad runs at a constant rate); embed's npz output (AllenNLP's `elmo` command writes hdf5,
+as embed); --beta1/2, --weight_decay, --adagrad_init; --init_from a task checkpoint's biLM.
 """
 
 from __future__ import annotations
 
 import argparse, atexit, contextlib, dataclasses, functools, hashlib, importlib.util, inspect, json, math, os, random
-import re, signal, sys, threading, time, typing, urllib.request
-from collections import Counter
+import collections, re, signal, sys, threading, time, typing, urllib.request
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
 from einops import rearrange
 
 # -----------------------------------------------------------------------------------------------------
@@ -58,7 +52,7 @@ class Config:
     n_negative: int = 8192  # sampled softmax negatives per batch; 0: full softmax
     dropout: float = 0.1  # on every LSTM layer's input and on the top layer's output
     # pretrain (bilm-tf: Adagrad lr 0.2, 3 GPUs x 128 rows x 20 unrolled steps, 10 epochs)
-    data: str = "wikitext2"  # wikitext2, builtin, or a text file or folder (train.txt and valid.txt)
+    data: str = "wikitext2"  # wikitext2, builtin, text file, folder (train.txt, valid.txt); sst2, train.tsv: sentences
     batch_size: int = 128  # rows of the packed stream
     unroll_steps: int = 20  # tokens of each row per batch (truncated BPTT)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -67,6 +61,7 @@ class Config:
     total_steps: int = 1_000_845  # 10 epochs of 768,648,884 tokens in batches of 3 x 128 x 20
     # task (sections 3.2-3.3)
     task_data: str = "sst2"  # sst2, builtin, or a folder with train.tsv and dev.tsv
+    task_examples: int = 0  # a subset of the training labels drawn with --seed, the same in both arms (0: all)
     use_elmo: bool = True  # --no-use_elmo: the same classifier without ELMo (the baseline)
     elmo_output: bool = False  # also concatenate a second mix to the task biLSTM's output
     layer_norm: bool = False  # normalise each biLM layer before mixing (bilm-tf's do_layer_norm)
@@ -88,18 +83,18 @@ class Config:
     eval_batches: int = 100  # validation windows per row and evaluation (0: the whole split)
     log_interval: int = 50
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; master weights stay fp32
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; master weights stay fp32
     compile: bool = False  # torch.compile the model
     seed: int = 1337
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(filters="1x32,2x32,3x64,4x128", proj_dim=128, lstm_dim=512, n_negative=1024, batch_size=32,
-                    total_steps=600, eval_interval=200, eval_batches=40, log_interval=25, task_embed_dim=100,
-                    task_hidden=100, task_epochs=0.3),
+    "small": Config(filters="1x32,2x32,3x64,4x128", proj_dim=128, lstm_dim=512, n_negative=1024, data="sst2",
+                    batch_size=32, total_steps=1200, eval_interval=400, eval_batches=20, log_interval=50,
+                    task_examples=1000, elmo_output=True, task_embed_dim=100, task_hidden=100, task_epochs=10.0),
     "tiny": Config(char_embed_dim=4, filters="1x4,2x8,3x16", proj_dim=8, lstm_dim=16, vocab_size=300, n_negative=0,
                    batch_size=4, unroll_steps=6, total_steps=8, eval_interval=100, eval_batches=3, log_interval=4,
-                   task_embed_dim=8, task_hidden=8, task_batch_size=8, task_epochs=0.04),
+                   task_examples=200, task_embed_dim=8, task_hidden=8, task_batch_size=8, task_epochs=0.4),
 }
 ARCH_FIELDS = ("char_embed_dim", "filters", "n_highway", "n_layer", "lstm_dim", "proj_dim", "cell_clip", "proj_clip",
                "residual", "vocab_size")
@@ -110,7 +105,7 @@ def validate(cfg: Config) -> None:
                  "task_epochs", "eval_interval", "log_interval"):
         require(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("n_highway", "vocab_size", "n_negative", "cell_clip", "proj_clip", "grad_clip", "l2_coef", "max_steps",
-                 "eval_batches"):
+                 "eval_batches", "task_examples"):
         require(getattr(cfg, name) >= 0, f"--{name} must not be negative, got {getattr(cfg, name)}")
     require(0 <= cfg.dropout < 1 and 0 <= cfg.task_dropout < 1 and cfg.vocab_size not in (1, 2, 3) and
             parse_filters(cfg.filters), "--dropout and --task_dropout must be in [0, 1), --vocab_size 0 or at least 4")
@@ -139,8 +134,7 @@ class CharCNN(nn.Module):
         self.proj = nn.Linear(d, cfg.proj_dim) if d != cfg.proj_dim else nn.Identity()
         nn.init.uniform_(self.char_embed.weight[1:], -1.0, 1.0)
         for conv in self.convs:
-            nn.init.uniform_(conv.weight, -0.05, 0.05)
-            nn.init.zeros_(conv.bias)
+            nn.init.uniform_(conv.weight, -0.05, 0.05), nn.init.zeros_(conv.bias)
         for lin in (m for m in self.modules() if isinstance(m, nn.Linear)):  # the highways and the projection
             nn.init.normal_(lin.weight, std=math.sqrt(1.0 / d))
             nn.init.constant_(lin.bias, -2.0 if lin in self.carry else 0.0)
@@ -168,8 +162,7 @@ class LstmProjection(nn.Module):
         H, P, self.cell_clip, self.proj_clip = cfg.lstm_dim, cfg.proj_dim, cfg.cell_clip, cfg.proj_clip
         self.kernel, self.proj = nn.Linear(d_in + P, 4 * H), nn.Linear(H, P, bias=False)  # W_0 and B, W_P_0
         for lin in (self.kernel, self.proj):  # TensorFlow's defaults: Glorot uniform, bias 0
-            nn.init.xavier_uniform_(lin.weight)
-        nn.init.zeros_(self.kernel.bias)
+            nn.init.xavier_uniform_(lin.weight), lin.bias is None or nn.init.zeros_(lin.bias)
 
     def forward(self, x, mask, state):
         """x (B, T, D), mask (B, T), state (h (B, P), c (B, H)) -> outputs (B, T, P), the final state."""
@@ -196,8 +189,7 @@ class BiLM(nn.Module):
                                     for _ in ("forward", "backward"))
         self.softmax = nn.Linear(cfg.proj_dim, cfg.vocab_size) if cfg.vocab_size else None  # the released have none
         if self.softmax is not None:  # bilm-tf: W ~ N(0, 1/sqrt(proj_dim)), b = 0
-            nn.init.normal_(self.softmax.weight, std=1.0 / math.sqrt(cfg.proj_dim))
-            nn.init.zeros_(self.softmax.bias)
+            nn.init.normal_(self.softmax.weight, std=1.0 / math.sqrt(cfg.proj_dim)), nn.init.zeros_(self.softmax.bias)
 
     def run_lms(self, fwd, bwd, state=None):
         """Both LMs on their (x (B, T, P), mask (B, T)) -> per direction the layers [x, h_1, .., h_L]; the new state."""
@@ -307,9 +299,8 @@ class Classifier(nn.Module):
     def forward(self, word_ids, chars, lengths):
         """word_ids (B, T), chars (B, T, 50), lengths (B,) -> logits (B, n_classes)."""
         x = self.drop(self.embed(word_ids))  # (B, T, E)
-        if self.elmo is not None:
-            elmo = self.elmo(chars).to(x.dtype)
-            x = torch.cat([x, elmo[0]], dim=-1)  # the input: [x_k; ELMo_k]
+        if self.elmo is not None:  # the input: [x_k; ELMo_k]
+            x = torch.cat([x, (elmo := self.elmo(chars).to(x.dtype))[0]], dim=-1)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         h, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=word_ids.size(1))
         if self.elmo_output:
@@ -344,7 +335,7 @@ class WordTable:
     """Softmax words (specials, then by frequency, as the log-uniform sampler needs), then the rest; their char ids."""
 
     def __init__(self, vocab: list[str] | None, train: list[str], other: list[str], vocab_size: int):
-        counts = Counter(w for w in train if w not in SPECIAL_WORDS)
+        counts = collections.Counter(w for w in train if w not in SPECIAL_WORDS)
         self.vocab = vocab or [*SPECIAL_WORDS, *sorted(counts, key=lambda w: (-counts[w], w))][:vocab_size or None]
         self.types = self.vocab + sorted(set(train + other) - set(self.vocab))
         self.index = {w: i for i, w in enumerate(self.types)}
@@ -383,6 +374,16 @@ def load_lm_text(data: str) -> tuple[str, str, str]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not re.match(r"\.|.*test", p.name)) or [path]
     text = "\n".join(read_text(p) for p in files)
     return path.name, text[:int(0.9 * len(text))], text[int(0.9 * len(text)):]
+
+def pretraining_text(data: str) -> tuple[str, str, str]:
+    """load_lm_text's, but of a labelled set (sst2, a folder with train.tsv): its training sentences, labels unused,
+    the last tenth for validation; its dev set is never read. sst2 offline: the built-in corpus."""
+    root = download(data, "the built-in corpus (Python documentation)") if data == "sst2" else Path(data)
+    if root is None or not (root / "train.tsv").is_file():
+        return load_lm_text("builtin" if root is None else data)
+    lines = [text for _, text in read_tsv(root / "train.tsv")]
+    cut = len(lines) - len(lines) // 10
+    return f"{root.name} training sentences", "\n".join(lines[:cut]), "\n".join(lines[cut:])
 
 def sentence_stream(text: str) -> list[str]:
     """Every non-empty line as a sentence `<S> w1 .. wn </S>`, all packed into one stream (bilm-tf's)."""
@@ -549,7 +550,7 @@ def pretrain(cfg: Config) -> dict:
     """the biLM on --data: packed sentence streams, the LSTM state carried between batches (bilm-tf)"""
     ckpt = open_run(cfg, "pretrain", ARCH_FIELDS + ("data", "batch_size", "unroll_steps"))
     device, _, _ = setup(cfg)
-    name, train_text, val_text = load_lm_text(cfg.data)
+    name, train_text, val_text = pretraining_text(cfg.data)
     train_words, val_words = sentence_stream(train_text), sentence_stream(val_text)
     model, vocab, cfg = load_pretrained(cfg, ckpt) if ckpt or cfg.init_from else (None, None, cfg)
     require(model is None or vocab, f"{cfg.init_from} has no softmax vocabulary to continue pretraining with")
@@ -561,26 +562,26 @@ def pretrain(cfg: Config) -> dict:
     unk, n_params = (table.softmax_id[batches.fwd] == 2).float().mean(), sum(p.numel() for p in model.parameters())
     log0(f"pretraining on {name}: {len(train_words):,} train / {len(val_words):,} val words, vocab {cfg.vocab_size} "
          f"({unk:.1%} of training words <UNK>), {n_params / 1e6:.2f}M parameters")
-
     def evaluate(m):  # the full softmax; the validation stream carries its own state, from zeros
         val.position, n = {"pos": 0, "state": None}, min(val.windows, cfg.eval_batches or val.windows)
         loss = sum(pretrain_loss(m, {k: v.to(device) for k, v in next(val).items()}, val).item() for _ in range(n)) / n
         return {"loss": loss, "ppl": math.exp(min(loss, 700))}
-
     opt, clip = bilm_tf_adagrad(model, cfg)
-    return train_loop(dataclasses.replace(cfg, grad_clip=clip), "pretrain", model, opt, None, batches,
-                      lambda m, b: pretrain_loss(m, b, batches), evaluate, ckpt, total=cfg.total_steps,
-                      tokens=cfg.batch_size * cfg.unroll_steps * cfg.grad_accum, flops=model.flops_per_token(),
-                      extra={"vocab": table.vocab})
+    return {"data": name, **train_loop(dataclasses.replace(cfg, grad_clip=clip), "pretrain", model, opt, None, batches,
+            lambda m, b: pretrain_loss(m, b, batches), evaluate, ckpt, total=cfg.total_steps, keep_best=True,
+            tokens=cfg.batch_size * cfg.unroll_steps * cfg.grad_accum, flops=model.flops_per_token(),
+            extra={"vocab": table.vocab})}
 
 def task(cfg: Config) -> dict:
     """the BiLSTM classifier on --task_data with ELMo from a frozen biLM (--init_from), or without (--no-use_elmo)"""
-    ckpt = open_run(cfg, "task", ("task_data", "task_embed_dim", "task_hidden"))
+    ckpt = open_run(cfg, "task", ("task_data", "task_examples", "task_embed_dim", "task_hidden"))
     device, _, _ = setup(cfg)
     require(not ckpt or ckpt["config"]["use_elmo"] == cfg.use_elmo, f"{cfg.out_dir} holds a run with --use_elmo "
             f"{not cfg.use_elmo}; resume it so (--{'no-' if cfg.use_elmo else ''}use_elmo)")
     bilm, _, bilm_cfg = load_pretrained(cfg, ckpt) if cfg.use_elmo else (None, None, None)
     name, train_rows, dev_rows = load_classification(cfg.task_data, cfg.seed)
+    if cfg.task_examples:  # the same subset in both arms and on resume
+        train_rows = random.Random(cfg.seed).sample(train_rows, min(cfg.task_examples, len(train_rows)))
     label_list = ckpt["labels"] if ckpt else sorted({label for label, _ in train_rows})
     word_list = ckpt["words"] if ckpt else ["<pad>", "<unk>"] + sorted({w for _, t in train_rows for w in t.split()})
     labels, words = {y: i for i, y in enumerate(label_list)}, {w: i for i, w in enumerate(word_list)}
@@ -593,22 +594,19 @@ def task(cfg: Config) -> dict:
     batches = EpochSampler(train, cfg.task_batch_size, cfg.seed)
     total = max(1, math.ceil(batches.per_epoch * cfg.task_epochs))
     log0(f"task on {name}: {len(train)} train / {len(dev)} dev, {total} steps, {'with' if bilm else 'no'} ELMo")
-
     def evaluate(m):  # over the whole dev set; an unseen label (-1) counts as an error
         parts = (collate(dev[i:i + cfg.task_batch_size]) for i in range(0, len(dev), cfg.task_batch_size))
         logits = torch.cat([m(*(b[k].to(device) for k in ("word_ids", "chars", "lengths"))) for b in parts]).float()
         gold = torch.tensor([e["label"] for e in dev], device=device)
         loss = F.cross_entropy(logits[gold >= 0], gold[gold >= 0], reduction="sum").item() / len(dev)
         return {"loss": loss, "acc": (logits.argmax(-1) == gold).float().mean().item()}
-
     tokens = round(cfg.task_batch_size * cfg.grad_accum * sum(len(e["ids"]) for e in train) / len(train))
     params = [p for p in model.parameters() if p.requires_grad]  # the frozen biLM runs forward only: a third
     flops = 6.0 * sum(p.numel() for p in params) + (bilm.flops_per_token() / 3 if bilm else 0.0)
-    extra = {"labels": label_list, "words": word_list, "bilm_config": bilm_cfg and dataclasses.asdict(bilm_cfg)}
     opt, loss_fn = torch.optim.Adam(params, cfg.task_lr), lambda m, b: task_loss(m, b, cfg.l2_coef)
-    return {"data": name, **train_loop(dataclasses.replace(cfg, grad_clip=5.0), "task", model, opt, None, batches,
-                                       loss_fn, evaluate, ckpt, total=total, tokens=tokens, flops=flops, metric="acc",
-                                       extra=extra)}
+    return {"data": name, "examples": len(train), **train_loop(dataclasses.replace(cfg, grad_clip=5.0), "task", model,
+            opt, None, batches, loss_fn, evaluate, ckpt, total=total, tokens=tokens, flops=flops, metric="acc",
+            extra={"labels": label_list, "words": word_list, "bilm_config": bilm_cfg and dataclasses.asdict(bilm_cfg)})}
 
 def embed(cfg: Config) -> dict:
     """ELMo's layers for every line of --embed_file into out_dir/elmo.hdf5, as AllenNLP's `elmo` command"""
@@ -632,14 +630,17 @@ def embed(cfg: Config) -> dict:
     return {"path": str(out / "elmo.hdf5"), "sentences": len(lines)}
 
 def main_job(cfg: Config) -> dict:
-    """pretrain into out_dir/pretrain, then the task with ELMo (out_dir/task) and without it (out_dir/baseline)"""
+    """pretrain into out_dir/pretrain, then the same task with ELMo (out_dir/task) and without it (out_dir/baseline)"""
     root = Path(cfg.out_dir)
     lm = pretrain(dataclasses.replace(cfg, out_dir=str(root / "pretrain")))
-    elmo = task(dataclasses.replace(cfg, out_dir=str(root / "task"), init_from=str(root / "pretrain" / "ckpt.pt")))
+    elmo = task(dataclasses.replace(cfg, out_dir=str(root / "task"), init_from=str(root / "pretrain" / "best.pt")))
     base = task(dataclasses.replace(cfg, out_dir=str(root / "baseline"), use_elmo=False))
-    log0(f"claim: {elmo['data']} dev acc {elmo['acc']:.4f} with ELMo vs {base['acc']:.4f} without (same classifier; "
-         f"biLM validation perplexity {lm['ppl']:.1f})")
-    return {"ppl": lm["ppl"], "acc_elmo": elmo["acc"], "acc_baseline": base["acc"]}
+    w, wo, ppl = round(100 * elmo["acc"], 2), round(100 * base["acc"], 2), math.exp(min(lm["best"], 700))
+    differs = (f"the same BiLSTM on {elmo['examples']:,} labels with ELMo vs without; biLM: {lm['step']:,} steps on "
+               f"{lm['data']}, val ppl {ppl:.0f}")
+    log_metrics(root, f"claim: {elmo['data']} dev accuracy {w:.1f} vs {wo:.1f} ({differs})", split="claim",
+                task=elmo["data"], metric="dev accuracy", **{"with": w, "without": wo}, differs=differs)
+    return {"pretrain": lm, "task": elmo, "baseline": base, "claim": {"with": w, "without": wo, "differs": differs}}
 
 # ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
 # Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.

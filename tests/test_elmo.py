@@ -574,9 +574,18 @@ def test_smoke_main_job_subprocess(tmp_path):
                         "--out_dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     claim = [line for line in r.stdout.split("\n") if line.startswith("claim: ")]
-    assert len(claim) == 1 and "with ELMo vs" in claim[0] and "without" in claim[0], r.stdout[-2000:]
+    assert len(claim) == 1 and claim[0].startswith("claim: builtin-synthetic dev accuracy "), r.stdout[-2000:]
+    assert "with ELMo vs without" in claim[0] and "200 labels" in claim[0], claim
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().split("\n") if line]
+    assert len(records) == 1 and records[0]["split"] == "claim", records
+    record = records[0]
+    assert record["task"] == "builtin-synthetic" and record["metric"] == "dev accuracy" and record["differs"] in claim[0]
+    assert 0 <= record["with"] <= 100 and 0 <= record["without"] <= 100
+    assert claim[0].startswith(f"claim: builtin-synthetic dev accuracy {record['with']:.1f} vs {record['without']:.1f} (")
     for stage in ("pretrain", "task", "baseline"):
         assert (tmp_path / stage / "ckpt.pt").is_file() and (tmp_path / stage / "metrics.jsonl").is_file()
+    assert (tmp_path / "pretrain" / "best.pt").is_file()  # the task with ELMo starts from the best biLM
+    assert r.stdout.count("task on builtin-synthetic: 200 train / 400 dev") == 2  # both arms: 200 of the 2,000
 
 
 @pytest.mark.slow
