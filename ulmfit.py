@@ -11,10 +11,11 @@ What this file reproduces
     rates; `classify` (3.3): concat pooling, gradual unfreezing, BPT3C; `ensemble` (3.3): forward + backward.
 
 Run it (`--help` lists every field, grouped by stage: pretrain lr, finetune-lm finetune_*, classify clf_*, ...)
-  python ulmfit.py                          # main job: small preset, wikitext2 -> imdb: LM ppl and accuracy
+  python ulmfit.py      # main job, Figure 3: wikitext2 LM -> imdb LM -> classifier on 100 labels vs from scratch
   python ulmfit.py pretrain --data ptb --out_dir out/ptb
   python ulmfit.py finetune-lm --init_from out/ptb/ckpt.pt --task_data sst2 --out_dir out/sst2-lm
-  python ulmfit.py classify --init_from out/sst2-lm/ckpt.pt --task_data sst2 --out_dir out/sst2-clf  # or from scratch
+  python ulmfit.py classify --init_from out/sst2-lm/ckpt.pt --task_data sst2 --out_dir out/sst2-clf
+  python ulmfit.py classify --lr_decay 1 --no-gradual_unfreezing --out_dir out/imdb-scratch    # the main job's baseline
   python ulmfit.py --backwards --out_dir out/bwd                    # a backward main job, then both together:
   python ulmfit.py ensemble --init_from out/ulmfit/classify/ckpt.pt,out/bwd/classify/ckpt.pt
   torchrun --nproc_per_node=2 ulmfit.py pretrain ...                # data parallel
@@ -35,8 +36,9 @@ Deliberate deviations and choices
   - Words: regex tokens, lower-cased, `<maj>` before capitals (fastai's xxmaj), no spaCy; `<eos>` ends each LM line,
     `<bos>` starts each document; new words of a later stage start at the mean embedding row (as fastai).
   - Data: WikiText-2 for WikiText-103; IMDb's unlabelled reviews are not read, LM fine-tuning reads lm_tokens of the
-    training reviews (never test ones). Evaluation: a seeded subsample of eval_examples (2,000) test reviews;
-    eval_batches LM windows from a zero state. Offline: the Python docs and a generated, labelled task.
+    training reviews (never test ones). Both arms' n_train (100) training reviews and the eval_examples (2,000) test
+    reviews are subsamples drawn by --seed; eval_batches LM windows from a zero state. An LM stage's best.pt (lowest
+    validation loss) starts the main job's next stage. Offline: the Python docs and a generated, labelled task.
   - Left out: NT-ASGD, the cache pointer, QRNNs, SentencePiece, fastai's released weights, the old --bidirectional
     main job (run `ensemble`). MFU counts the classifier's full backward pass even while layers are frozen.
 """
@@ -116,9 +118,9 @@ class Config:
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(emb_size=128, n_hid=384, max_vocab=12000, batch_size=32, lr=5e-3, total_steps=300,
-                    finetune_steps=100, lm_tokens=300_000, clf_batch_size=32, clf_epochs=5, n_train=500, max_len=400,
-                    eval_interval=100, eval_batches=40, log_interval=25),
+    "small": Config(emb_size=128, n_hid=384, max_vocab=12000, batch_size=32, lr=5e-3, total_steps=200,
+                    finetune_steps=400, lm_tokens=1_100_000, clf_batch_size=8, clf_epochs=12, n_train=100, max_len=400,
+                    eval_interval=200, eval_batches=40, log_interval=50),
     "tiny": Config(emb_size=16, n_hid=24, max_vocab=400, bptt=8, bptt_std=2.0, batch_size=4, lr=3e-3, total_steps=8,
                    finetune_steps=6, lm_tokens=4000, clf_batch_size=8, clf_epochs=3, clf_hidden=8, n_train=64,
                    eval_examples=32, max_len=24, eval_interval=4, eval_batches=4, log_interval=2),
@@ -193,8 +195,7 @@ class LanguageModel(nn.Module):
     def forward(self, ids, state=None):
         """ids (B, T) after `state` -> logits (B, T, V), the raw and dropped last outputs (B, T, E), the new state."""
         raw, state = self.encoder(ids, state)
-        dropped = self.output_dp(raw)
-        return self.decoder(dropped), raw, dropped, state
+        return self.decoder(dropped := self.output_dp(raw)), raw, dropped, state
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Lowest to highest: the LSTMs, then the tied embedding and decoder (fastai's awd_lstm_lm_split)."""
         return [list(r.parameters()) for r in self.encoder.rnns] + [[self.encoder.embedding.weight, self.decoder.bias]]
@@ -434,9 +435,8 @@ def load_classification(data: str, seed: int, n_train=0, n_eval=0):
                 "train.tsv and dev.tsv")
         name, train, evals = path.name, read_tsv(path / "train.tsv"), read_tsv(path / "dev.tsv")
         require(train and evals, f"{data}: train.tsv and dev.tsv must hold examples")
-    for n, rows in ((n_train, train), (n_eval, evals)):
-        if n and len(rows) > n:
-            rows[:] = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+    train, evals = ([rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))] if n and len(rows) > n
+                    else rows for n, rows in ((n_train, train), (n_eval, evals)))
     return name, train, evals
 
 class LMStream:
@@ -536,16 +536,13 @@ def run_lm(cfg: Config, stage: str, ckpt, source, train: list, val: list, lr: fl
     n_params, opt = sum(p.numel() for p in model.parameters()), discriminative_adam(model, lr, lr_decay, cfg)
     log0(f"{stage}: {len(train_ids):,} train / {len(val_ids):,} val tokens ({(val_ids == UNK).float().mean():.1%} "
          f"<unk>), vocab {len(itos)}, {n_params / 1e6:.2f}M parameters, {'back' if cfg.backwards else 'for'}ward")
-
     def on_step(step):  # STLR (eq. 3) times this step's mean window length / bptt (Merity et al. 4.1)
         scale = sum(stream.length(stream.windows + k) for k in range(cfg.grad_accum)) / cfg.grad_accum / cfg.bptt
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * stlr(step, total, cfg.cut_frac, cfg.stlr_ratio) * scale
-
     def loss_fn(m, batch):  # the state comes from the window before and goes on to the next one
         loss, stream.state = lm_loss(m, batch, stream.state, cfg.alpha, cfg.beta)
         return loss
-
     def evaluate(m):  # the split as batch_size rows in windows of bptt from a zero state: the first eval_batches
         n, state, loss, count = len(val_ids) // cfg.batch_size, None, 0.0, 0
         data = rearrange(val_ids[:n * cfg.batch_size], "(b n) -> b n", b=cfg.batch_size).to(device)
@@ -555,17 +552,17 @@ def run_lm(cfg: Config, stage: str, ckpt, source, train: list, val: list, lr: fl
             loss += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
             count += targets.numel()
         return {"loss": loss / count, "ppl": math.exp(min(loss / count, 700))}
-
     return train_loop(cfg, stage, model, opt, None, stream, loss_fn, evaluate, ckpt, total=total, extra={"vocab": itos},
-                      tokens=cfg.batch_size * cfg.bptt * cfg.grad_accum, flops=6 * n_params, on_step=on_step)
+                      tokens=cfg.batch_size * cfg.bptt * cfg.grad_accum, flops=6 * n_params, on_step=on_step,
+                      keep_best=True)  # best.pt: the lowest validation loss
 
 def pretrain(cfg: Config) -> dict:
     """a general-domain language model on --data (section 3.1)"""
     ckpt = open_run(cfg, "pretrain", ARCH_FIELDS + ("data", "max_vocab", "min_freq"))
     require(not cfg.init_from, "pretrain starts from scratch; --init_from is for the later stages")
-    name, train_text, val_text = load_lm_text(cfg.data)
+    name, *texts = load_lm_text(cfg.data)
     log0(f"pretraining on {name}")
-    return run_lm(cfg, "pretrain", ckpt, ckpt, lm_tokens(train_text), lm_tokens(val_text), cfg.lr, 1.0, cfg.total_steps)
+    return {**run_lm(cfg, "pretrain", ckpt, ckpt, *map(lm_tokens, texts), cfg.lr, 1.0, cfg.total_steps), "data": name}
 
 def finetune_lm(cfg: Config) -> dict:
     """the pretrained language model on the task's training text, its vocabulary transferred (section 3.2)"""
@@ -599,22 +596,20 @@ def classify(cfg: Config) -> dict:
     log0(f"classifying {name}: {len(train)} train / {len(evals)} eval examples, labels {label_list}, {total} steps, "
          f"encoder {cfg.init_from or 'from scratch (then --lr_decay 1 --no-gradual_unfreezing suit it)'}")
     opt = discriminative_adam(model, cfg.clf_lr, cfg.lr_decay, cfg)
-
     def on_step(step):  # STLR over the whole run; epoch e trains the top e + 1 layer groups (gradual unfreezing)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * stlr(step, total, cfg.cut_frac, cfg.stlr_ratio)
         return set_trainable(model, min(groups, step // batches.per_epoch + 1) if cfg.gradual_unfreezing else groups)
-
-    return train_loop(cfg, "classify", model, opt, None, batches, classifier_loss,
-                      lambda m: accuracy(predict(m, evals, cfg.clf_batch_size), evals), ckpt, total=total,
-                      tokens=cfg.clf_batch_size * cfg.grad_accum * sum(len(e["ids"]) for e in train) // len(train),
-                      flops=6 * sum(p.numel() for r in model.encoder.rnns for p in r.parameters()), metric="acc",
-                      extra={"vocab": itos, "labels": label_list}, on_step=on_step)
+    return {"task": name, "n_train": len(train), **train_loop(
+        cfg, "classify", model, opt, None, batches, classifier_loss, lambda m: accuracy(
+            predict(m, evals, cfg.clf_batch_size), evals), ckpt, total=total, metric="acc", on_step=on_step,
+        tokens=cfg.clf_batch_size * cfg.grad_accum * sum(len(e["ids"]) for e in train) // len(train),
+        flops=6 * sum(p.numel() for r in model.encoder.rnns for p in r.parameters()),
+        extra={"vocab": itos, "labels": label_list})}
 
 def ensemble(cfg: Config) -> dict:
     """a forward and a backward classifier's averaged probabilities (3.3): --init_from FWD,BWD"""
-    paths = cfg.init_from.split(",")
-    require(len(paths) == 2 and all(paths), f"ensemble needs --init_from FWD,BWD (two checkpoints), not {paths}")
+    require(len(paths := cfg.init_from.split(",")) == 2 and all(paths), f"ensemble: --init_from FWD,BWD, not {paths}")
     device, ckpts = setup(cfg)[0], [load_checkpoint(path, ("classify",)) for path in paths]
     require([c["config"]["backwards"] for c in ckpts] == [False, True] and ckpts[0]["labels"] == ckpts[1]["labels"],
             f"--init_from {cfg.init_from}: need a forward and a backward (--backwards) classifier of the same labels")
@@ -630,16 +625,21 @@ def ensemble(cfg: Config) -> dict:
     return result
 
 def main_job(cfg: Config) -> dict:
-    """pretrain, finetune-lm and classify, each starting from the checkpoint of the one before"""
+    """ULMFiT (pretrain, finetune-lm, classify, each from the one before) vs the classifier from scratch (Figure 3)"""
     result, init = {}, ""
-    for stage, fn in (("pretrain", pretrain), ("finetune-lm", finetune_lm), ("classify", classify)):
-        out = Path(cfg.out_dir) / stage  # with --resume, a stage resumes where it has a checkpoint
-        result[stage] = fn(dataclasses.replace(cfg, out_dir=str(out), init_from=init,
-                                               resume=cfg.resume and (out / "ckpt.pt").is_file()))
-        init = str(out / "ckpt.pt")
-    log0(f"ULMFiT ({'back' if cfg.backwards else 'for'}ward): pretrained LM ppl {result['pretrain']['ppl']:.2f}, "
-         f"fine-tuned LM ppl {result['finetune-lm']['ppl']:.2f}, classifier accuracy {result['classify']['acc']:.4f}")
-    return result
+    for stage, fn in zip("pretrain finetune-lm classify scratch".split(), (pretrain, finetune_lm, classify, classify)):
+        out = Path(cfg.out_dir) / stage  # with --resume, a stage resumes where it has a checkpoint; from scratch,
+        arm = dict(init_from="", lr_decay=1.0, gradual_unfreezing=False) if stage == "scratch" else dict(init_from=init)
+        result[stage] = fn(dataclasses.replace(cfg, out_dir=str(out), resume=cfg.resume and (out / "ckpt.pt").is_file(),
+                                               **arm))  # no layer is special: one lr, all of them train at once
+        init = str(out / "best.pt")  # an LM stage's checkpoint of the lowest validation loss
+    log0(f"LM ppl {result['pretrain']['ppl']:.2f} pretrained, {result['finetune-lm']['ppl']:.2f} fine-tuned")
+    task, w, wo = result["classify"]["task"], 100 * result["classify"]["acc"], 100 * result["scratch"]["acc"]
+    differs = (f"{result['pretrain']['data']} LM, {task} LM fine-tuning, gradual unfreezing vs the same classifier "
+               f"from scratch; {result['classify']['n_train']} labels each")
+    log_metrics(cfg.out_dir, f"claim: {task} accuracy {w:.1f} vs {wo:.1f} ({differs})", split="claim", task=task,
+                metric="accuracy", **{"with": w, "without": wo}, differs=differs)
+    return {**result, "claim": {"with": w, "without": wo, "task": task, "metric": "accuracy", "differs": differs}}
 
 # ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
 # Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.

@@ -1,6 +1,7 @@
 """ulmfit.py: the AWD-LSTM's five dropouts, STLR, discriminative rates, gradual unfreezing, concat pooling, BPT3C,
 variable BPTT and its carried state, resume, DDP, the ensemble, errors, and the rows of the cross-model suite."""
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -554,20 +555,34 @@ def test_errors_through_the_command_line(tmp_path, capsys, corpus):
 
 
 def test_main_job_runs_end_to_end_in_a_subprocess(tmp_path):
-    """One real subprocess: the main job on the built-in data, each stage from the one before; --resume then
-    finds every stage complete and only evaluates again."""
+    """One real subprocess: the main job on the built-in data, each ULMFiT stage from the one before, then the same
+    classifier from scratch, and the claim line (stdout and metrics.jsonl); --resume then finds every stage
+    complete and only evaluates again."""
     cmd = [sys.executable, str(ROOT / "ulmfit.py"), "--preset", "tiny", "--data", "builtin", "--task_data", "builtin",
            "--out_dir", str(tmp_path), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NLP_LINEAGE_CACHE": str(tmp_path / "cache")}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
-    assert "ULMFiT (forward): pretrained LM ppl" in r.stdout and "classifier accuracy" in r.stdout
-    for stage in ("pretrain", "finetune-lm", "classify"):
+    assert "pretrained, " in r.stdout and " fine-tuned" in r.stdout
+    for stage in ("pretrain", "finetune-lm", "classify", "scratch"):
         assert (tmp_path / stage / "ckpt.pt").is_file() and (tmp_path / stage / "metrics.jsonl").is_file()
-    assert state_of(tmp_path / "classify" / "ckpt.pt")["config"]["init_from"] == str(tmp_path / "finetune-lm" / "ckpt.pt")
+    assert state_of(tmp_path / "classify" / "ckpt.pt")["config"]["init_from"] == str(tmp_path / "finetune-lm" / "best.pt")
+    scratch = state_of(tmp_path / "scratch" / "ckpt.pt")["config"]
+    assert scratch["init_from"] == "" and scratch["lr_decay"] == 1 and not scratch["gradual_unfreezing"]
+    acc = {s: [json.loads(x) for x in (tmp_path / s / "metrics.jsonl").read_text().splitlines()][-1]["acc"]
+           for s in ("classify", "scratch")}
+    claim = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(claim) == 1 and claim[0] == {
+        "split": "claim", "task": "builtin-synthetic", "metric": "accuracy", "with": 100 * acc["classify"],
+        "without": 100 * acc["scratch"], "differs": "builtin LM, builtin-synthetic LM fine-tuning, gradual unfreezing "
+        "vs the same classifier from scratch; 64 labels each"}
+    line = r.stdout.strip().splitlines()[-1]
+    assert line == f"claim: builtin-synthetic accuracy {100 * acc['classify']:.1f} vs {100 * acc['scratch']:.1f} " \
+                   f"({claim[0]['differs']})"
     again = ulmfit.main(["--preset", "tiny", "--data", "builtin", "--task_data", "builtin", "--out_dir", str(tmp_path),
                          "--device", "cpu", "--resume"])
-    assert [again[s]["step"] for s in ("pretrain", "finetune-lm", "classify")] == [8, 6, 24]
+    assert [again[s]["step"] for s in ("pretrain", "finetune-lm", "classify", "scratch")] == [8, 6, 24, 24]
+    assert again["claim"]["with"] == 100 * acc["classify"] and again["claim"]["without"] == 100 * acc["scratch"]
 
 
 def test_loaders_read_the_shared_datasets(shared_data):
