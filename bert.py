@@ -17,8 +17,8 @@ What this file reproduces
     (--two_phase). Section 4.1: classification from the pooled [CLS] output; lr 2e-5, batch 32, 3 epochs.
 
 Run it (`--help` lists every field by stage: `pretrain` reads the plain ones, `finetune` the finetune_* ones)
-  python bert.py                                   # main job: small preset, pretrain then fine-tune
-  python bert.py pretrain --data wikitext2 --out_dir out/wt2     # or builtin, a text file or a folder
+  python bert.py   # main job: pretrain, fine-tune on SST-2 from it and (the baseline) from random init: a claim
+  python bert.py pretrain --data wikitext2 --out_dir out/wt2   # or sst2, A+B (both), builtin, a text file or folder
   python bert.py finetune --init_from out/wt2/ckpt.pt --finetune_data sst2 --out_dir out/sst2   # or hf:DIR
   torchrun --nproc_per_node=2 bert.py ...          # data parallel (any stage, or the main job)
 
@@ -29,7 +29,9 @@ Deliberate deviations from the paper and the official code
     -inf, not -10000; AdamW has bias correction, and its linear decay starts after warmup (Google's at 0).
   - Left out: dynamic masking (RoBERTa's), the tanh GELU of Google's 2019 code (a gelu_new folder is refused) and
     whole-word masking (Google's 2019 addition). BooksCorpus and Wikipedia are not redistributable: WikiText-2 and
-    SST-2, offline the Python docs and a synthetic task; `small` and `tiny` are narrower, far shorter runs.
+    SST-2, offline the Python docs and a synthetic task. `small` (the main job) pretrains a 4-layer model for minutes
+    on the text closest to the task, SST-2's training sentences (labels unused; NSP between them, shuffled phrases,
+    is noise), 40% masked, no dropout, then fine-tunes both arms on the same 1,000 SST-2 labels; `tiny` is for tests.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Config:
     vocab_size: int = 30522  # embedding rows; 0: the tokenizer's size
     dropout: float = 0.1  # embeddings, attention probabilities, residual branches, the classifier (appendix A.2)
     # pretraining data and tokenizer (section 3.1; create_pretraining_data.py's flags)
-    data: str = "wikitext2"  # wikitext2, builtin, or a text file or folder
+    data: str = "wikitext2"  # wikitext2, sst2 (its training sentences), A+B (both), builtin, a text file or folder
     lower_case: bool = True  # uncased: lower-case and strip accents (say --no-lower_case for a cased hf:DIR)
     wordpiece_vocab_size: int = 30522  # the 5 special tokens, the text's characters, then merges
     max_seq_length: int = 128
@@ -86,6 +88,8 @@ class Config:
     finetune_batch_size: int = 32
     finetune_epochs: int = 3
     finetune_warmup: float = 0.1  # the fraction of the fine-tuning steps
+    finetune_examples: int = 0  # a subset of the training examples drawn with --seed, the same in both arms (0: all)
+    finetune_random_init: bool = False  # the baseline: init_from's vocabulary and architecture, untrained weights
     # run control
     out_dir: str = "out/bert"
     init_from: str = ""  # a bert.py checkpoint, or hf:DIR with Hugging Face BertForPreTraining weights and vocab.txt
@@ -101,9 +105,10 @@ class Config:
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(n_layer=4, n_head=4, d_model=128, d_ff=512, vocab_size=0, wordpiece_vocab_size=8000, dupe_factor=5,
-                    two_phase=False, batch_size=32, lr=5e-4, warmup_steps=50, total_steps=1000, eval_interval=250,
-                    log_interval=50, finetune_lr=1e-4, finetune_epochs=1),
+    "small": Config(n_layer=4, n_head=4, d_model=128, d_ff=512, vocab_size=0, dropout=0.0, data="sst2",
+                    wordpiece_vocab_size=4000, max_seq_length=64, max_predictions_per_seq=26, masked_lm_prob=0.4,
+                    dupe_factor=10, two_phase=False, batch_size=32, lr=2e-3, warmup_steps=100, total_steps=3000,
+                    finetune_lr=1e-3, finetune_epochs=5, finetune_examples=1000, eval_interval=1000, log_interval=100),
     "tiny": Config(n_layer=2, n_head=2, d_model=32, d_ff=64, max_position=128, vocab_size=0, wordpiece_vocab_size=300,
                    max_seq_length=64, dupe_factor=2, two_phase=False, batch_size=8, lr=1e-3, warmup_steps=2,
                    total_steps=20, eval_batches=2, log_interval=5, finetune_lr=1e-3, finetune_epochs=1),
@@ -130,14 +135,12 @@ def validate(cfg: Config) -> None:
 class Layer(nn.Module):
     """Post-LN encoder layer: h = LN(x + Drop(MultiHead(x))); out = LN(h + Drop(W2 GELU(W1 h))), the exact (erf) GELU.
     MultiHead: softmax(Q K^T / sqrt(d)) V in each head, no weight on padded keys, dropout on the probabilities."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_head, self.dropout, self.drop = cfg.n_head, cfg.dropout, nn.Dropout(cfg.dropout)
         self.qkv, self.proj = nn.Linear(cfg.d_model, 3 * cfg.d_model), nn.Linear(cfg.d_model, cfg.d_model)
         self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.d_ff), nn.Linear(cfg.d_ff, cfg.d_model)
         self.ln_1, self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-12), nn.LayerNorm(cfg.d_model, eps=1e-12)
-
     def forward(self, x, keep):  # x (B, T, C); keep (B, T): True at real tokens
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=rearrange(keep, "b s -> b 1 1 s"),
@@ -147,15 +150,12 @@ class Layer(nn.Module):
 
 class Bert(nn.Module):
     """The encoder: the three embeddings summed and normalised, the layers, and the pooler (dense + tanh on [CLS])."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg, self.drop = cfg, nn.Dropout(cfg.dropout)
         self.tok, self.pos = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Embedding(cfg.max_position, cfg.d_model)
         self.seg, self.ln = nn.Embedding(cfg.type_vocab_size, cfg.d_model), nn.LayerNorm(cfg.d_model, eps=1e-12)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
-        self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
-
+        self.layers, self.pooler = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer)), nn.Linear(*[cfg.d_model] * 2)
     def forward(self, ids, segments, keep):
         """ids, segments (B, T), keep (B, T) True at real tokens -> hidden states (B, T, C), pooled [CLS] (B, C)."""
         require(ids.size(1) <= self.cfg.max_position, f"a sequence of {ids.size(1)} tokens is longer than the "
@@ -168,18 +168,14 @@ class Bert(nn.Module):
 
 class BertForPreTraining(nn.Module):
     """The encoder, the masked-LM head (its decoder tied to the token embedding) and the NSP head; Google's init."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg, self.bert = cfg, Bert(cfg)
         self.mlm_dense, self.mlm_ln = nn.Linear(cfg.d_model, cfg.d_model), nn.LayerNorm(cfg.d_model, eps=1e-12)
         self.mlm_bias, self.nsp = nn.Parameter(torch.zeros(cfg.vocab_size)), nn.Linear(cfg.d_model, 2)
         for name, p in self.named_parameters():  # matrices: N(0, 0.02) cut at 2 sigma; biases 0; LayerNorm gains 1
-            if p.dim() == 2:
-                nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-
+            if p.dim() == 2 or name.endswith("bias"):
+                nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04) if p.dim() == 2 else nn.init.zeros_(p)
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM logits (N, V) at the N masked positions (where mlm_labels is not -100), NSP logits (B, 2)."""
         h, pooled = self.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
@@ -197,8 +193,7 @@ def flops_per_token(c: Config, seq_len: int, masked: float = 0.0) -> float:
 # Objective: masked-LM cross-entropy at the masked positions + NSP cross-entropy, in fp32 under autocast
 
 def pretrain_loss(model, batch: dict) -> torch.Tensor:
-    mlm_logits, nsp_logits = model(batch)
-    targets = batch["mlm_labels"][batch["mlm_labels"] != -100]
+    (mlm_logits, nsp_logits), targets = model(batch), batch["mlm_labels"][batch["mlm_labels"] != -100]
     return F.cross_entropy(mlm_logits.float(), targets) + F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
 
 # -----------------------------------------------------------------------------------------------------
@@ -206,13 +201,10 @@ def pretrain_loss(model, batch: dict) -> torch.Tensor:
 
 class BertClassifier(nn.Module):
     """The pooled [CLS] output -> dropout -> linear (initialised as the model's); every weight is fine-tuned."""
-
     def __init__(self, bert: Bert, n_classes: int, dropout: float):
         super().__init__()
         self.bert, self.drop, self.head = bert, nn.Dropout(dropout), nn.Linear(bert.cfg.d_model, n_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02, a=-0.04, b=0.04)
-        nn.init.zeros_(self.head.bias)
-
+        nn.init.trunc_normal_(self.head.weight, std=0.02, a=-0.04, b=0.04), nn.init.zeros_(self.head.bias)
     def forward(self, batch: dict) -> torch.Tensor:  # logits (B, n_classes)
         return self.head(self.drop(self.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])[1]))
 
@@ -242,12 +234,10 @@ def basic_tokenize(text: str, lower: bool) -> list[str]:
 
 class WordPiece:
     """Google's: greedy longest-match-first pieces of each basic token, `##` inside a word; no match: [UNK]."""
-
     def __init__(self, vocab: list[str], lower: bool = True):
         self.vocab, self.lower, self.ids, self.cache = list(vocab), lower, {t: i for i, t in enumerate(vocab)}, {}
         require(all(s in self.ids for s in SPECIALS), f"the vocabulary lacks some of {', '.join(SPECIALS)}")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.ids[s] for s in SPECIALS)
-
     @classmethod
     def train(cls, texts, vocab_size: int, lower: bool = True) -> "WordPiece":
         """BPE's merges as WordPiece (Hugging Face's WordPieceTrainer): `w ##o ##r ##d`, then the most frequent pair
@@ -259,15 +249,13 @@ class WordPiece:
                 f"5 special tokens and the {len(vocab) - 5} characters of the text (initial and ##) need")
         id_of, pair_count, where = {t: i for i, t in enumerate(vocab)}, Counter(), defaultdict(set)
         seqs, freqs = [[id_of[w[0]]] + [id_of["##" + c] for c in w[1:]] for w in words], list(words.values())
-
         def count(i: int, sign: int, new: int = -1):  # add (or take out) word i's pairs; only pairs holding the
             for p in zip(seqs[i], seqs[i][1:]):         # new piece can grow: the heap gets their counts
                 pair_count[p] += sign * freqs[i]
                 where[p].add(i)
                 if new in p:
                     heapq.heappush(heap, (-pair_count[p], p))
-        for i in range(len(seqs)):
-            count(i, 1)
+        [count(i, 1) for i in range(len(seqs))]
         heap = sorted((-c, p) for p, c in pair_count.items())  # a sorted list is a heap
         while len(vocab) < vocab_size and heap:
             neg, pair = heapq.heappop(heap)
@@ -277,8 +265,7 @@ class WordPiece:
                 continue
             merged = vocab[pair[0]] + vocab[pair[1]][2:]  # (a, ##b) -> ab; (##a, ##b) -> ##ab
             if merged not in id_of:  # two pairs can spell one piece
-                id_of[merged] = len(vocab)
-                vocab.append(merged)
+                id_of[merged], _ = len(vocab), vocab.append(merged)
             for i in where.pop(pair):
                 count(i, -1)
                 s, j, seqs[i] = seqs[i], 0, []
@@ -288,7 +275,6 @@ class WordPiece:
                     j += 2 if hit else 1
                 count(i, 1, id_of[merged])
         return cls(vocab, lower)
-
     def encode_word(self, word: str) -> list[int]:
         if word not in self.cache:
             ids, start = [], 0
@@ -300,7 +286,6 @@ class WordPiece:
                 ids, start = ids + [self.ids[prefix + word[start:end]]], end
             self.cache[word] = ids if start == len(word) else [self.unk_id]
         return self.cache[word]
-
     def encode(self, text: str) -> list[int]:
         return [i for n, chunk in enumerate(SPECIAL_SPLIT.split(text)) for i in ([self.ids[chunk]] if n % 2 else [
             j for word in basic_tokenize(chunk, self.lower) for j in self.encode_word(word)])]  # odd: special tokens
@@ -334,8 +319,12 @@ def documents(text: str) -> list[list[str]]:
     return [d for d in docs[wiki:] if d]  # in WikiText, what precedes the first article is not one
 
 def load_documents(data: str) -> tuple[str, list, list]:
-    """(name, train, validation documents): a named dataset's or a folder's train.txt and valid.txt, the last 10% of
-    the documents of a file (a folder's files), or builtin (offline): the Python documentation's topics, 8 held out."""
+    """(name, train, validation documents): a named dataset's or a folder's train.txt and valid.txt, the training
+    sentences of sst2 (or a folder's train.tsv) 8 a document, the last 1% held out, the last 10% of the documents of a
+    file (a folder's files), or builtin (offline): the Python documentation's topics, 8 held out; A+B: both."""
+    if "+" in data:  # several corpora: their documents together (a name that falls back to builtin, once)
+        parts = {p[0]: p for p in map(load_documents, data.split("+"))}.values()
+        return "+".join(p[0] for p in parts), [d for p in parts for d in p[1]], [d for p in parts for d in p[2]]
     if data in DATASETS:
         data = str(download(data, "the built-in corpus (Python documentation)") or "builtin")
     if data == "builtin":
@@ -345,6 +334,9 @@ def load_documents(data: str) -> tuple[str, list, list]:
     path = Path(data)
     require(path.exists() or os.sep in data or "." in data, f"unknown dataset {data!r}: use one of "
             f"{', '.join(DATASETS)}, builtin, or a path to a text file or folder")
+    if (path / "train.tsv").is_file():  # classification data: its training sentences (labels dropped), 8 a document
+        docs = (lambda t: [t[i:i + 8] for i in range(0, len(t), 8)])([text for _, text in read_tsv(path / "train.tsv")])
+        return path.name, docs[:-max(2, len(docs) // 100)], docs[-max(2, len(docs) // 100):]
     if (path / "train.txt").is_file() and (path / "valid.txt").is_file():
         return path.name, documents(read_text(path / "train.txt")), documents(read_text(path / "valid.txt"))
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name[0] != ".") if path.is_dir() else [path]
@@ -358,10 +350,8 @@ def mask_tokens(ids: list[int], tok: WordPiece, rng: random.Random, masked_lm_pr
     candidates = [i for i, t in enumerate(ids) if t not in (tok.cls_id, tok.sep_id, tok.pad_id)]
     rng.shuffle(candidates)
     chosen, out = sorted(candidates[:min(max_predictions, max(1, round(len(ids) * masked_lm_prob)))]), list(ids)
-    for i in chosen:
-        r = rng.random()
-        if r < 0.9:
-            out[i] = tok.mask_id if r < 0.8 else rng.randrange(len(tok.vocab))  # any token, as Google's
+    for i, r in ((i, rng.random()) for i in chosen):  # r < 0.8: [MASK]; r < 0.9: any token, as Google's; else kept
+        out[i] = tok.mask_id if r < 0.8 else rng.randrange(len(tok.vocab)) if r < 0.9 else out[i]
     return out, chosen, [ids[i] for i in chosen]
 
 def create_instances(docs: list, tok: WordPiece, cfg: Config, seq_len: int, rng: random.Random) -> list[dict]:
@@ -412,11 +402,9 @@ def collate(examples: list[dict]) -> dict:
 class PretrainingSampler:
     """EpochSampler's batches of all dupe_factor copies (each its own pairs and masks) shuffled together, as Google's
     one file; with two phases, from 90% of the steps, of length max_position. `position` counts the batches."""
-
     def __init__(self, docs: list, tok: WordPiece, cfg: Config):
         self.docs, self.tok, self.cfg, self.phase, self.position = docs, tok, cfg, (None, None), 0
         self.switch = int(0.9 * cfg.total_steps) * cfg.grad_accum if cfg.two_phase else math.inf
-
     def __next__(self) -> dict:
         cfg, phase = self.cfg, int(self.position >= self.switch)
         if self.phase[0] != phase:
@@ -517,13 +505,15 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple, eps: f
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=params[0].device.type == "cuda")
 
 def load_pretrained(cfg: Config, resumed: dict | None = None) -> tuple[BertForPreTraining, WordPiece, Config]:
-    """(model, tokenizer, cfg with its architecture) of a resumed run (the loop loads the weights) or of --init_from."""
+    """(model, tokenizer, cfg with its architecture) of a resumed run (the loop loads the weights) or of --init_from
+    (--finetune_random_init: its architecture and vocabulary, the weights as build_model draws them)."""
     if cfg.init_from.startswith("hf:") and not resumed:
         return load_hf(Path(cfg.init_from[3:]), cfg)
     ckpt = resumed or load_checkpoint(cfg.init_from)
     cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
     model, whole = build_model(cfg), ckpt["stage"] == "pretrain"  # a fine-tuned model gives its encoder
-    resumed or model.load_state_dict({k: v for k, v in ckpt["model"].items() if whole or k.startswith("bert.")}, whole)
+    resumed or cfg.finetune_random_init or model.load_state_dict({k: v for k, v in ckpt["model"].items() if whole
+                                                                  or k.startswith("bert.")}, whole)
     return model, WordPiece(**ckpt["tokenizer"]), cfg
 
 def pretrain(cfg: Config) -> dict:
@@ -546,7 +536,6 @@ def pretrain(cfg: Config) -> dict:
         val_set = [val_set[i] for i in np.linspace(0, len(val_set) - 1, cfg.eval_batches * cfg.batch_size).astype(int)]
     batches, model = PretrainingSampler(train, tok, cfg), model.to(device)
     log0(f"pretraining on {name}: {len(train)} / {len(val)} documents, a WordPiece vocabulary of {len(tok.vocab)}")
-
     def evaluate(m):  # over every masked position and every pair
         n = Counter()
         for i in range(0, len(val_set), cfg.batch_size):
@@ -557,24 +546,25 @@ def pretrain(cfg: Config) -> dict:
                          -1) == targets).sum().item(), nsp_acc=(nsp.argmax(-1) == b["nsp_labels"]).sum().item())
         return {"loss": n["mlm"] / n["masked"] + n["nsp"] / len(val_set), "mlm_loss": n["mlm"] / n["masked"],
                 "mlm_acc": n["mlm_acc"] / n["masked"], "nsp_acc": n["nsp_acc"] / len(val_set)}
-
     opt = adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), 1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(cfg.warmup_steps, cfg.total_steps, shape="linear"))
     metrics = train_loop(cfg, "pretrain", model, opt, sched, batches, pretrain_loss, evaluate, ckpt,
                          total=cfg.total_steps, tokens=cfg.batch_size * cfg.max_seq_length * cfg.grad_accum,
-                         flops=flops_per_token(cfg, cfg.max_seq_length, cfg.masked_lm_prob),
+                         flops=flops_per_token(cfg, cfg.max_seq_length, cfg.masked_lm_prob), keep_best=True,
                          extra={"tokenizer": {"vocab": tok.vocab, "lower": tok.lower}})
     if RANK == 0:  # vocab.txt, for Hugging Face's BertTokenizer.from_pretrained(out_dir)
         (Path(cfg.out_dir) / "vocab.txt").write_text("".join(t + "\n" for t in tok.vocab), encoding="utf-8")
-    return metrics
+    return {**metrics, "data": name}
 
 def finetune(cfg: Config) -> dict:
     """sentence (pair) classification on --finetune_data from a pretrained checkpoint or hf:DIR (section 4.1)"""
-    ckpt = open_run(cfg, "finetune", ("finetune_data", "max_seq_length"))  # the architecture is init_from's
-    device, _, _ = setup(cfg)
+    ckpt = open_run(cfg, "finetune", ("finetune_data", "max_seq_length", "finetune_examples", "finetune_random_init"))
+    device, _, _ = setup(cfg)  # the architecture is init_from's
     require(cfg.init_from or ckpt, "finetune needs --init_from a checkpoint of bert.py pretrain, or hf:DIR")
     pretrained, tok, cfg = load_pretrained(cfg, ckpt)
     name, train_rows, dev_rows = load_classification(cfg.finetune_data, cfg.seed)
+    if 0 < cfg.finetune_examples < len(train_rows):
+        train_rows = random.Random(cfg.seed).sample(train_rows, cfg.finetune_examples)
     label_list = ckpt["labels"] if ckpt else sorted({label for label, _ in train_rows})
     labels = {label: i for i, label in enumerate(label_list)}
     train, dev = (encode_classification(rows, tok, labels, cfg.max_seq_length, split)
@@ -582,8 +572,8 @@ def finetune(cfg: Config) -> dict:
     model, batches = BertClassifier(pretrained.bert, len(labels), cfg.dropout).to(device), EpochSampler(
         train, cfg.finetune_batch_size, cfg.seed)
     total, mean_len = batches.per_epoch * cfg.finetune_epochs, sum(len(e["ids"]) for e in train) / len(train)
-    log0(f"fine-tuning on {name}: {len(train)} train / {len(dev)} dev examples, labels {label_list}, {total} steps")
-
+    log0(f"fine-tuning on {name} from {'RANDOM INIT' if cfg.finetune_random_init else cfg.init_from}: {len(train)} "
+         f"train / {len(dev)} dev examples, labels {label_list}, {total} steps")
     def evaluate(m):
         correct, loss_sum = 0, 0.0
         for i in range(0, len(dev), cfg.finetune_batch_size):
@@ -592,14 +582,14 @@ def finetune(cfg: Config) -> dict:
             correct += (logits.argmax(-1) == b["labels"]).sum().item()
             loss_sum += F.cross_entropy(logits[known], b["labels"][known], reduction="sum").item()
         return {"loss": loss_sum / len(dev), "acc": correct / len(dev)}
-
     opt = adamw(model, cfg.finetune_lr, cfg.weight_decay, (0.9, 0.999), 1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(math.ceil(cfg.finetune_warmup * total), total,
                                                                      shape="linear"))
-    return train_loop(cfg, "finetune", model, opt, sched, batches, lambda m, b: F.cross_entropy(
+    return {**train_loop(cfg, "finetune", model, opt, sched, batches, lambda m, b: F.cross_entropy(
         m(b).float(), b["labels"]), evaluate, ckpt, total=total, metric="acc",
         tokens=round(cfg.finetune_batch_size * cfg.grad_accum * mean_len), flops=flops_per_token(cfg, round(mean_len)),
-        extra={"tokenizer": {"vocab": tok.vocab, "lower": tok.lower}, "labels": label_list})
+        extra={"tokenizer": {"vocab": tok.vocab, "lower": tok.lower}, "labels": label_list}), "data": name,
+        "examples": len(train)}
 
 HF_NAMES = {"tok.": "embeddings.word_embeddings.", "pos.": "embeddings.position_embeddings.", "seg.":
             "embeddings.token_type_embeddings.", "bert.ln.": "bert.embeddings.LayerNorm.", "layers.": "encoder.layer.",
@@ -630,17 +620,23 @@ def load_hf(root: Path, cfg: Config) -> tuple[BertForPreTraining, WordPiece, Con
         state[ours] = torch.cat([sd[p] for p in parts])
         require(state[ours].shape == ref.shape, f"{root}: {theirs} has shape {tuple(state[ours].shape)}, not "
                 f"{tuple(ref.shape)}")
-    model.load_state_dict(state)
+    cfg.finetune_random_init or model.load_state_dict(state)
     return model, WordPiece(read_text(root / "vocab.txt").removesuffix("\n").split("\n"), cfg.lower_case), cfg
 
 def main_job(cfg: Config) -> dict:
-    """pretrain into out_dir/pretrain, then fine-tune from it into out_dir/finetune"""
-    pre, out = pretrain(dataclasses.replace(cfg, out_dir=f"{cfg.out_dir}/pretrain")), Path(cfg.out_dir, "finetune")
-    fin = finetune(dataclasses.replace(cfg, out_dir=str(out), init_from=f"{cfg.out_dir}/pretrain/ckpt.pt",
-                                       resume=cfg.resume and (out / "ckpt.pt").exists()))
-    log0(f"BERT {cfg.data}: MLM accuracy {pre['mlm_acc']:.3f}, NSP accuracy {pre['nsp_acc']:.3f}; "
-         f"{cfg.finetune_data} dev accuracy {fin['acc']:.3f}")
-    return {"pretrain": pre, "finetune": fin}
+    """pretrain (out_dir/pretrain), then fine-tune from its best checkpoint (out_dir/finetune) and, the baseline, from
+    random weights of the same architecture and vocabulary (out_dir/scratch): the same labels, recipe and seed"""
+    root = Path(cfg.out_dir)
+    pre, best = pretrain(dataclasses.replace(cfg, out_dir=str(root / "pretrain"))), str(root / "pretrain" / "best.pt")
+    w, wo = (finetune(dataclasses.replace(cfg, out_dir=str(root / arm), init_from=best, finetune_random_init=arm ==
+                                          "scratch", resume=cfg.resume and (root / arm / "ckpt.pt").exists()))
+             for arm in ("finetune", "scratch"))
+    claim = {"with": 100 * w["acc"], "without": 100 * wo["acc"], "differs": f"MLM+NSP pretraining on {pre['data']}, "
+             f"{pre['step']:,} steps to MLM accuracy {pre['mlm_acc']:.3f}, NSP {pre['nsp_acc']:.3f}, vs random init; "
+             f"{w['examples']:,} labels, lr {cfg.finetune_lr:g}, {cfg.finetune_epochs} epochs, seed {cfg.seed} in both"}
+    log_metrics(root, f"claim: {w['data']} dev accuracy {claim['with']:.1f} vs {claim['without']:.1f} "
+                f"({claim['differs']})", split="claim", task=w["data"], metric="dev accuracy", **claim)
+    return {"pretrain": pre, "finetune": w, "scratch": wo, "claim": claim}
 
 # ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
 # Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.

@@ -454,6 +454,14 @@ def test_load_documents_layouts(tmp_path):
     _, train, val = bert.load_documents(str(tmp_path / "wiki.txt"))
     assert train[0] == ["Alpha beta .", "Gamma-delta !", "[UNK] eps .", "Zeta ."] and len(train) == 2 == len(val)
     assert builtin_tok().encode("[UNK] eps")[0] == builtin_tok().unk_id
+    (tmp_path / "cls").mkdir()  # classification data: its training sentences, 8 a document, never its labels or dev
+    (tmp_path / "cls" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"line {i} \t{i % 2}\n" for i in range(300)))
+    (tmp_path / "cls" / "dev.tsv").write_text("sentence\tlabel\nheld out \t1\n")
+    name, train, val = bert.load_documents(str(tmp_path / "cls"))
+    assert name == "cls" and len(train) == 36 and len(val) == 2 and train[0] == [f"line {i} " for i in range(8)]
+    assert val[-1] == [f"line {i} " for i in range(296, 300)]
+    name, both, _ = bert.load_documents(f"{tmp_path / 'cls'}+{tmp_path / 'wiki.txt'}+builtin+builtin")
+    assert name == "cls+wiki.txt+builtin" and both[:36] == train and len(both) == 36 + 2 + 71  # builtin once
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,15 +522,41 @@ def test_finetune_sentence_pairs(pretrained, tmp_path):
     assert again["step"] == 1
 
 
+def test_random_init_baseline_and_label_subset(pretrained, tmp_path):
+    cfg = dataclasses.replace(bert.PRESETS["tiny"], init_from=str(pretrained))
+    (model, tok, _), (scratch, tok2, _) = (bert.load_pretrained(dataclasses.replace(cfg, finetune_random_init=r))
+                                           for r in (False, True))
+    weights = torch.load(pretrained, weights_only=False)["model"]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and tok.vocab == tok2.vocab
+    assert not torch.equal(scratch.bert.tok.weight, weights["bert.tok.weight"])  # the same shapes, untrained
+    out = run_main("finetune", "--preset", "tiny", "--init_from", str(pretrained), "--finetune_data", "builtin",
+                   "--finetune_examples", "100", "--finetune_batch_size", "10", "--out_dir", str(tmp_path / "ft"))
+    assert out["step"] == 10  # 100 of the 2,000 synthetic examples in batches of 10, one epoch
+
+
 def test_main_job_runs_as_a_script(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / "bert.py"), "--preset", "tiny", "--data", "builtin",
                         "--finetune_data", "builtin", "--out_dir", str(tmp_path), "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "BERT builtin: MLM accuracy" in r.stdout and "builtin dev accuracy" in r.stdout and "SYNTHETIC" in r.stdout
-    for stage in ("pretrain", "finetune"):
+    assert "SYNTHETIC" in r.stdout and "from RANDOM INIT" in r.stdout
+    (claim,) = [line for line in r.stdout.split("\n") if line.startswith("claim: ")]
+    (record,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().split("\n") if x]
+    assert record["split"] == "claim" and record["task"] == "builtin-synthetic" and record["metric"] == "dev accuracy"
+    assert claim == (f"claim: builtin-synthetic dev accuracy {record['with']:.1f} vs {record['without']:.1f} "
+                     f"({record['differs']})")
+    assert 0 <= record["with"] <= 100 and 0 <= record["without"] <= 100 and "random init" in record["differs"]
+    assert "pretraining on builtin" in record["differs"] and "2,000 labels" in record["differs"]
+    fin_acc, base_acc = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().split("\n") if x][-1]["acc"]
+                         for d in ("finetune", "scratch"))
+    assert (record["with"], record["without"]) == (100 * fin_acc, 100 * base_acc)  # each arm's last dev accuracy
+    for stage in ("pretrain", "finetune", "scratch"):
         assert {"ckpt.pt", "config.json", "metrics.jsonl"} <= {p.name for p in (tmp_path / stage).iterdir()}
+    pre, fin, base = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("pretrain", "finetune", "scratch"))
+    assert (tmp_path / "pretrain" / "best.pt").exists() and fin["config"]["init_from"].endswith("best.pt")
+    assert base["config"]["finetune_random_init"] and not fin["config"]["finetune_random_init"]
+    assert fin["tokenizer"] == base["tokenizer"] == pre["tokenizer"]  # the same vocabulary in both arms
     vocab = (tmp_path / "pretrain" / "vocab.txt").read_text().split("\n")
     assert vocab[:5] == list(bert.SPECIALS) and len(vocab) == 301  # 300 tokens, each with its newline
 
