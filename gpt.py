@@ -14,10 +14,10 @@ What this file reproduces
     loss L_clf + 0.5 L_LM, lr 6.25e-5, batch 32, 3 epochs, warmup over 0.2% of the steps, then linear decay.
 
 Run it (`--help` lists every field, grouped by stage)
-  python gpt.py                                    # main job: small preset on tiny shakespeare + samples
+  python gpt.py     # main job: SST-2 from the LM pretrained on its sentences vs from random init (Table 5)
   python gpt.py pretrain --data wikitext2 --out_dir out/wt2         # a byte-level BPE language model
   python gpt.py finetune --init_from out/wt2/ckpt.pt --finetune_data sst2 --out_dir out/sst2
-  python gpt.py sample --init_from out/gpt/pretrain/ckpt.pt --prompt "ROMEO:"    # or hf:DIR (GPT-1/GPT-2)
+  python gpt.py sample --init_from out/gpt/pretrain/best.pt --prompt "the film"  # or hf:DIR (GPT-1/GPT-2)
   torchrun --nproc_per_node=2 gpt.py pretrain ...  # data parallel
 
 Deliberate deviations from the paper
@@ -25,9 +25,11 @@ Deliberate deviations from the paper
     round-trips. Thousands of merges, not 40,000; none for tiny shakespeare: characters (bytes), as nanoGPT.
   - Embedding dropout falls on the summed token+position embeddings (as Hugging Face's port); the official
     code drops elements of the embedding matrix itself (`dropout(we)`), so its tied output layer does too.
-  - Data: BooksCorpus is not redistributable: tiny shakespeare, WikiText-2 and, offline, the Python
-    documentation that ships with Python. The paper trained 100 epochs; the `paper` preset's 100k steps of
-    64 x 512 tokens are 3.3B tokens, about 4 epochs of BooksCorpus. Smaller presets scale the warmup too.
+  - Data: BooksCorpus is not redistributable: tiny shakespeare, WikiText-2, SST-2's training sentences (labels
+    unread: the main job's text close to the task) and, offline, the Python documentation. The paper trained 100
+    epochs; the `paper` preset's 100k steps of 64 x 512 tokens are 3.3B tokens, about 4 epochs of BooksCorpus.
+  - The main job fine-tunes on 1,000 of SST-2's 67k labelled phrases (dev whole), one lr for both arms; its small
+    preset is pre-LN (`--arch gpt2`): post-LN stalled at the unigram loss at lr 1e-3 to 2e-3 on this BPE text.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class Config:
     finetune_batch_size: int = 32
     finetune_epochs: int = 3
     finetune_warmup: float = 0.002  # the fraction of the fine-tuning steps
+    finetune_examples: int = 0  # a subset of the training examples drawn with --seed, both arms the same (0: all)
+    finetune_random_init: bool = False  # the baseline: init_from's tokenizer and architecture, untrained weights
     lm_coef: float = 0.5  # lambda in L3 = L2 + lambda * L1
     clf_dropout: float = 0.1
     # sample
@@ -103,9 +107,10 @@ class Config:
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(n_layer=4, n_head=4, d_model=128, block_size=64, dropout=0.0, batch_size=24, lr=1e-3,
-                    min_lr=1e-4, warmup_steps=100, total_steps=3000, weight_decay=0.1, beta2=0.99,
-                    bpe_vocab_size=2048, eval_interval=500, log_interval=100, finetune_lr=1e-4),
+    "small": Config(arch="gpt2", n_layer=4, n_head=4, d_model=128, block_size=64, dropout=0.0, data="sst2",
+                    batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=100, total_steps=2400,
+                    bpe_vocab_size=2048, eval_interval=400, log_interval=100, finetune_lr=5e-4, finetune_epochs=6,
+                    finetune_examples=1000, weight_decay=0.1, beta2=0.99, num_samples=2, max_new_tokens=40),
     "tiny": Config(n_layer=2, n_head=2, d_model=32, block_size=32, dropout=0.1, batch_size=8, lr=3e-3, warmup_steps=5,
                    total_steps=40, bpe_vocab_size=300, eval_interval=20, eval_batches=4, log_interval=10, num_samples=1,
                    max_new_tokens=20, finetune_lr=1e-3, finetune_batch_size=8, finetune_epochs=1),
@@ -128,18 +133,14 @@ def validate(cfg: Config) -> None:
 
 class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention with one fused QKV projection and an optional KV cache."""
-
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_head, self.dropout, self.resid_drop = cfg.n_head, cfg.dropout, nn.Dropout(cfg.dropout)
         self.qkv, self.proj = nn.Linear(cfg.d_model, 3 * cfg.d_model), nn.Linear(cfg.d_model, cfg.d_model)
-
     def forward(self, x, cache=None):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if cache is not None:  # cache: [k, v] of the earlier positions, extended in place
-            if cache[0] is not None:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[0], cache[1] = k, v
+            cache[:] = k, v = (k, v) if cache[0] is None else (torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2))
         T, S = q.size(2), k.size(2)  # the new queries see all S keys up to their own position
         causal = None if T == S else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=T == S,  # softmax(QK^T/sqrt(d))V
@@ -151,7 +152,6 @@ class MLP(nn.Module):
         super().__init__()
         self.fc, self.proj = nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.Linear(4 * cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-
     def forward(self, x):
         return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))  # the official code's GELU
 
@@ -161,7 +161,6 @@ class Block(nn.Module):
         self.pre_ln = cfg.arch == "gpt2"
         self.ln_1, self.attn = nn.LayerNorm(cfg.d_model, eps=1e-5), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model, eps=1e-5), MLP(cfg)
-
     def forward(self, x, cache=None):
         if self.pre_ln:  # GPT-2: x + f(LN(x))
             x = x + self.attn(self.ln_1(x), cache)
@@ -182,7 +181,6 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02 / (math.sqrt(2 * cfg.n_layer) if self.ln_f and "proj" in name else 1))
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-
     def hidden(self, idx, cache=None):
         """Final hidden states h_n (B, T, C); with a cache, idx continues the cached positions."""
         start = 0 if cache is None or cache[0][0] is None else cache[0][0].size(2)
@@ -192,11 +190,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i])  # h_l = transformer_block(h_{l-1})   (B, T, C)
         return x if self.ln_f is None else self.ln_f(x)
-
     def forward(self, idx, cache=None):
         """Next-token logits (B, T, V): h_n W_e^T, the output layer tied to the token embedding."""
         return self.hidden(idx, cache) @ self.wte.weight.T
-
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus 12 L T C for attention (PaLM appendix B)."""
         n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
@@ -215,13 +211,10 @@ def pretrain_loss(model, batch: dict) -> torch.Tensor:
 
 class GPTClassifier(nn.Module):
     """[start] text [extract] -> the final hidden state at the extract token -> dropout -> linear (W_y)."""
-
     def __init__(self, gpt: GPT, n_classes: int, clf_dropout: float):
         super().__init__()
         self.gpt, self.drop, self.head = gpt, nn.Dropout(clf_dropout), nn.Linear(gpt.cfg.d_model, n_classes)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
+        nn.init.normal_(self.head.weight, std=0.02), nn.init.zeros_(self.head.bias)
     def forward(self, ids, lengths):
         """ids (B, T) right-padded (causal attention keeps padding out), the last real one [extract] -> logits."""
         h = self.gpt.hidden(ids)  # (B, T, C)
@@ -244,15 +237,11 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature=1.0
     was_training, block, cache = model.training, model.cfg.block_size, None
     model.eval()
     for _ in range(max_new_tokens):
-        if cache is None or cache[0][0].size(2) == block:  # (re)start: a fresh pass over the window
-            cache = [[None, None] for _ in model.blocks] if use_cache else None
-            logits = model(idx[:, -block:], cache)[:, -1].float()
-        else:
-            logits = model(idx[:, -1:], cache)[:, -1].float()
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            nxt = torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1)
+        restart = cache is None or cache[0][0].size(2) == block  # (re)start: a fresh pass over the window
+        cache = ([[None, None] for _ in model.blocks] if use_cache else None) if restart else cache
+        logits = model(idx[:, -block:] if restart else idx[:, -1:], cache)[:, -1].float()
+        nxt = logits.argmax(-1, keepdim=True) if temperature == 0 else \
+            torch.multinomial(filter_logits(logits / temperature, top_k, top_p).softmax(-1), 1)
         idx = torch.cat([idx, nxt], dim=1)
     model.train(was_training)
     return idx
@@ -263,8 +252,7 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.size(-1))).values[:, -1:], -math.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # the tokens after the mass already reached top_p
+        drop = (p := sorted_logits.softmax(-1)).cumsum(-1) - p >= top_p  # the tokens after the mass reached top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return logits
 
@@ -395,10 +383,17 @@ def load_lm_text(data: str) -> tuple[str, str, str]:
     text = "\n".join(read_text(p) for p in files)
     return path.name, text[:int(0.9 * len(text))], text[int(0.9 * len(text)):]
 
+def load_unlabelled_text(data: str) -> tuple[str, str, str]:
+    """sst2 or a folder's train.tsv: its sentences a line each, no label, no dev.tsv; 10% held out. Else load_lm_text"""
+    data = str(download(data, "the built-in corpus (Python documentation)") or "builtin") if data == "sst2" else data
+    if not (Path(data) / "train.tsv").is_file():
+        return load_lm_text(data)
+    lines = [text.strip() for _, text in read_tsv(Path(data) / "train.tsv")]
+    return Path(data).name, "\n".join(lines[:len(lines) * 9 // 10]), "\n".join(lines[len(lines) * 9 // 10:])
+
 class BlockSampler:
     """Random contiguous blocks (nanoGPT's; GPT's 512-token windows), each rank from its shard: input_ids (B, T)
     and the targets shifted by one. `position` counts the batches drawn and seeds the next one."""
-
     def __init__(self, tokens: torch.Tensor, batch_size: int, block_size: int, seed: int):
         self.tokens, self.batch_size, self.block_size = tokens.chunk(WORLD)[RANK], batch_size, block_size
         require(len(self.tokens) > block_size + 1, f"the training text has {len(self.tokens)} tokens per rank, "
@@ -450,8 +445,7 @@ def encode_classification(rows, tok: ByteBPE, labels: dict, block_size: int, spl
     """[start] text [extract], the text cut to fit the context; a label unseen in training is -1 (always wrong)."""
     unknown = [label for label, _ in rows if label not in labels]
     require(split != "train" or not unknown, f"training label {unknown[:1]} is not one of {sorted(labels)}")
-    if unknown:
-        log0(f"warning: {len(unknown)} {split} examples have labels unseen in training; counted as errors")
+    unknown and log0(f"warning: {len(unknown)} {split} examples have labels unseen in training; counted as errors")
     start, extract = tok.specials["<|start|>"], tok.specials["<|extract|>"]
     return [{"ids": [start] + tok.encode(text)[:block_size - 2] + [extract], "label": labels.get(label, -1)}
             for label, text in rows]
@@ -496,29 +490,29 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple, eps: f
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=params[0].device.type == "cuda")
 
-def load_pretrained(cfg: Config, resumed: dict | None = None) -> tuple[GPT, ByteBPE | None, Config]:
-    """(GPT, tokenizer, cfg with its architecture) of a resumed run (the loop loads its weights) or --init_from."""
+def load_pretrained(cfg: Config, resumed: dict | None = None, weights=True) -> tuple[GPT, ByteBPE | None, Config]:
+    """(GPT, tokenizer, cfg with its architecture) of a resumed run (the loop loads its weights) or --init_from;
+    weights=False: that architecture and tokenizer with the weights a new model of the seed gets."""
     if cfg.init_from.startswith("hf:") and not resumed:
-        return load_hf(Path(cfg.init_from[3:]), cfg)
+        model, tok, cfg = load_hf(Path(cfg.init_from[3:]), cfg)
+        return model if weights else build_model(cfg), tok, cfg
     ckpt = resumed or load_checkpoint(cfg.init_from)
     cfg = dataclasses.replace(cfg, **{k: ckpt["config"][k] for k in ARCH_FIELDS})
     model, prefix = build_model(cfg), "gpt." if ckpt["stage"] == "finetune" else ""
-    if not resumed:
+    if weights and not resumed:
         model.load_state_dict({k.removeprefix(prefix): v for k, v in ckpt["model"].items() if k.startswith(prefix)})
     return model, ByteBPE(**ckpt["tokenizer"]), cfg
 
 def pretrain(cfg: Config) -> dict:
     """the language model on --data (section 4.1), after learning its tokenizer"""
     ckpt = open_run(cfg, "pretrain", ARCH_FIELDS + ("data", "tokenizer", "bpe_vocab_size"))
-    device, _, _ = setup(cfg)
-    name, train_text, val_text = load_lm_text(cfg.data)
+    device, (name, train_text, val_text) = setup(cfg)[0], load_unlabelled_text(cfg.data)
     model, tok, cfg = load_pretrained(cfg, ckpt) if ckpt or cfg.init_from else (None, None, cfg)
     if model is None:  # characters (bytes, no merges) for shakespeare, as nanoGPT; else byte-level BPE
         chars = cfg.tokenizer == "char" or cfg.tokenizer == "auto" and name == "shakespeare"
         t0, tok = time.time(), ByteBPE.train(train_text, 256 if chars else cfg.bpe_vocab_size, SPECIAL_TOKENS)
         log0(f"tokenizer: {len(tok)} tokens, {len(tok.merges)} BPE merges learned in {time.time() - t0:.1f}s")
-        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or len(tok))
-        model = build_model(cfg)
+        model = build_model(cfg := dataclasses.replace(cfg, vocab_size=cfg.vocab_size or len(tok)))
     require(tok, f"{cfg.init_from} has no tokenizer gpt.py can read (GPT-2's vocab.json and merges.txt)")
     require(cfg.vocab_size >= len(tok), f"--vocab_size {cfg.vocab_size} is below the tokenizer's {len(tok)}")
     train_ids, val_ids = (torch.tensor(tok.encode(t), dtype=torch.long) for t in (train_text, val_text))
@@ -527,7 +521,6 @@ def pretrain(cfg: Config) -> dict:
     batches, model = BlockSampler(train_ids, cfg.batch_size, cfg.block_size, cfg.seed), model.to(device)
     log0(f"pretraining on {name}: {len(train_ids):,} train / {len(val_ids):,} val tokens, "
          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, arch {cfg.arch}")
-
     def evaluate(m):  # non-overlapping blocks of the split; at most eval_batches batches of them, evenly spread
         n = (len(val_ids) - 1) // cfg.block_size
         starts = np.linspace(0, n - 1, min(n, cfg.eval_batches * cfg.batch_size or n)).round().astype(int)
@@ -535,23 +528,23 @@ def pretrain(cfg: Config) -> dict:
         loss = sum(pretrain_loss(m, {"input_ids": b[:, :-1], "targets": b[:, 1:]}).item() * len(b)
                    for b in blocks.split(cfg.batch_size)) / len(blocks)
         return {"loss": loss, "ppl": math.exp(min(loss, 700))}
-
     opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), 1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(cfg.warmup_steps, cfg.total_steps,
                                                                      cfg.min_lr / cfg.lr))
-    return train_loop(cfg, "pretrain", model, opt, sched, batches, pretrain_loss, evaluate, ckpt,
-                      total=cfg.total_steps, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum,
-                      flops=model.flops_per_token(), extra={"tokenizer": tok.state()})
+    return {**train_loop(cfg, "pretrain", model, opt, sched, batches, pretrain_loss, evaluate, ckpt, keep_best=True,
+                         total=cfg.total_steps, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum,
+                         flops=model.flops_per_token(), extra={"tokenizer": tok.state()}), "data": name}
 
 def finetune(cfg: Config) -> dict:
     """classification on --finetune_data from a pretrained checkpoint (sections 3.2-3.3)"""
-    ckpt = open_run(cfg, "finetune", ("finetune_data",))  # the architecture is --init_from's, kept in the checkpoint
-    device, _, _ = setup(cfg)
+    ckpt = open_run(cfg, "finetune", ("finetune_data", "finetune_examples", "finetune_random_init"))
+    device, _, _ = setup(cfg)  # the architecture is --init_from's, kept in the checkpoint
     require(cfg.init_from or ckpt, "finetune needs --init_from a checkpoint of gpt.py pretrain, or hf:DIR")
-    gpt, tok, cfg = load_pretrained(cfg, ckpt)
-    require(tok and "<|extract|>" in tok.specials, f"{cfg.init_from} has no start and extract tokens; fine-tune "
-            "a checkpoint of gpt.py pretrain")
+    gpt, tok, cfg = load_pretrained(cfg, ckpt, weights=not cfg.finetune_random_init)
+    require(tok and "<|extract|>" in tok.specials, f"{cfg.init_from} has no [extract] token: fine-tune a gpt.py LM")
     name, train_rows, dev_rows = load_classification(cfg.finetune_data, cfg.seed)
+    if 0 < cfg.finetune_examples < len(train_rows):  # the same rows in both arms: the draw depends on --seed only
+        train_rows = random.Random(cfg.seed).sample(train_rows, cfg.finetune_examples)
     label_list = ckpt["labels"] if ckpt else sorted({label for label, _ in train_rows})
     labels = {label: i for i, label in enumerate(label_list)}
     train, dev = (encode_classification(rows, tok, labels, cfg.block_size, split)
@@ -559,8 +552,8 @@ def finetune(cfg: Config) -> dict:
     model, batches = GPTClassifier(gpt, len(labels), cfg.clf_dropout).to(device), EpochSampler(
         train, cfg.finetune_batch_size, cfg.seed)
     total = batches.per_epoch * cfg.finetune_epochs
-    log0(f"fine-tuning on {name}: {len(train)} train / {len(dev)} dev examples, labels {label_list}, {total} steps")
-
+    log0(f"fine-tuning on {name} from {'RANDOM INIT' if cfg.finetune_random_init else cfg.init_from}: {len(train)} "
+         f"train / {len(dev)} dev examples, labels {label_list}, {total} steps")
     def evaluate(m):
         correct, loss_sum = 0, 0.0
         for i in range(0, len(dev), cfg.finetune_batch_size):
@@ -569,14 +562,13 @@ def finetune(cfg: Config) -> dict:
             correct += (logits.argmax(-1) == b["labels"]).sum().item()
             loss_sum += F.cross_entropy(logits.float()[known], b["labels"][known], reduction="sum").item()
         return {"loss": loss_sum / len(dev), "acc": correct / len(dev)}
-
     opt = adamw(model, cfg.finetune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), 1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(math.ceil(cfg.finetune_warmup * total), total,
                                                                      shape="linear"))
     tokens = round(cfg.finetune_batch_size * cfg.grad_accum * sum(len(e["ids"]) for e in train) / len(train))
-    return train_loop(cfg, "finetune", model, opt, sched, batches, lambda m, b: finetune_loss(m, b, cfg.lm_coef)[0],
-                      evaluate, ckpt, total=total, tokens=tokens, flops=gpt.flops_per_token(), metric="acc",
-                      extra={"tokenizer": tok.state(), "labels": label_list})
+    return {**train_loop(cfg, "finetune", model, opt, sched, batches, lambda m, b: finetune_loss(m, b, cfg.lm_coef)[0],
+                         evaluate, ckpt, total=total, tokens=tokens, flops=gpt.flops_per_token(), metric="acc",
+                         extra={"tokenizer": tok.state(), "labels": label_list}), "data": name, "examples": len(train)}
 
 def sample(cfg: Config) -> dict:
     """text continuing --prompt, from a checkpoint or hf:DIR (--init_from)"""
@@ -585,8 +577,8 @@ def sample(cfg: Config) -> dict:
     require(tok, f"{cfg.init_from} has no tokenizer (vocab.json and merges.txt) to encode the prompt")
     ids, block = tok.encode(cfg.prompt), model.cfg.block_size
     require(ids, "--prompt encodes to no tokens; give some text")
-    if len(ids) > block:
-        log0(f"warning: the prompt has {len(ids)} tokens; only its last {block} fit the context and are used")
+    len(ids) > block and log0(f"warning: the prompt has {len(ids)} tokens; only its last {block} fit the context "
+                               "and are used")
     torch.manual_seed(cfg.seed)
     with ctx:
         out = generate(model.to(device), torch.tensor([ids[-block:]] * cfg.num_samples, device=device),
@@ -612,9 +604,8 @@ def load_hf(root: Path, cfg: Config) -> tuple[GPT, ByteBPE | None, Config]:
         require((root / "pytorch_model.bin").is_file(), f"{root} has neither model.safetensors nor pytorch_model.bin")
         sd = torch.load(root / "pytorch_model.bin", map_location="cpu", weights_only=True)
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    cfg = dataclasses.replace(cfg, arch="gpt1" if kind == "openai-gpt" else "gpt2", n_layer=hf["n_layer"],
-                              n_head=hf["n_head"], d_model=hf["n_embd"], block_size=hf["n_positions"],
-                              vocab_size=hf["vocab_size"])
+    cfg = dataclasses.replace(cfg, arch="gpt1" if kind == "openai-gpt" else "gpt2", n_layer=hf["n_layer"], n_head=hf[
+        "n_head"], d_model=hf["n_embd"], block_size=hf["n_positions"], vocab_size=hf["vocab_size"])
     model, state = build_model(cfg), {}
     for ours, ref in model.state_dict().items():  # blocks.3.attn.qkv.weight -> h.3.attn.c_attn.weight
         theirs = re.sub(r"blocks\.(\d+)\.", r"h.\1.", ours).replace("qkv", "c_attn").replace(".proj", ".c_proj")
@@ -637,10 +628,19 @@ def load_hf(root: Path, cfg: Config) -> tuple[GPT, ByteBPE | None, Config]:
     return model, ByteBPE(merges, (), pieces), cfg
 
 def main_job(cfg: Config) -> dict:
-    """pretrain into out_dir/pretrain, then sample from it"""
-    metrics = pretrain(dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / "pretrain")))
-    RANK == 0 and sample(dataclasses.replace(cfg, init_from=str(Path(cfg.out_dir) / "pretrain" / "ckpt.pt")))
-    return metrics
+    """pretrain (out_dir/pretrain), sample from its best checkpoint, fine-tune from that (out_dir/finetune) and from
+    random init (out_dir/scratch: Table 5's "no pre-training"), the same recipe, labels and seed; the claim line"""
+    root = Path(cfg.out_dir)
+    pre, best = pretrain(dataclasses.replace(cfg, out_dir=str(root / "pretrain"))), str(root / "pretrain" / "best.pt")
+    RANK == 0 and sample(dataclasses.replace(cfg, init_from=best))
+    arms = {arm: finetune(dataclasses.replace(cfg, out_dir=str(root / arm), init_from=best, resume=cfg.resume and (
+        root / arm / "ckpt.pt").exists(), finetune_random_init=arm == "scratch")) for arm in ("finetune", "scratch")}
+    (task, n), (w, wo) = (arms["finetune"][k] for k in ("data", "examples")), (100 * a["acc"] for a in arms.values())
+    differs = (f"GPT pretrained on {pre['data']}, {pre['step']:,} steps, val ppl {math.exp(pre['best']):.1f}, vs "
+               f"random init; {n:,} labels, the same fine-tuning")
+    log_metrics(root, f"claim: {task} dev accuracy {w:.1f} vs {wo:.1f} ({differs})", split="claim", task=task,
+                metric="dev accuracy", **{"with": w, "without": wo}, differs=differs)
+    return {"pretrain": pre, **arms, "claim": {"with": w, "without": wo, "differs": differs}}
 
 # ==== harness: the same in all six scripts (tests/test_copies.py checks) ====
 # Plumbing, not the paper: datasets, devices, DDP, checkpoints, the training loop, logs, the command line.

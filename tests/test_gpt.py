@@ -343,6 +343,42 @@ def test_finetune_and_sample_stages(tmp_path, capsys):
     assert "only its last 32 fit the context" in capsys.readouterr().out
 
 
+def test_the_baseline_is_the_same_model_untrained_on_the_same_seeded_labels(tmp_path, capsys, monkeypatch):
+    """finetune_random_init: init_from's tokenizer and architecture with the weights a new model of the seed gets;
+    finetune_examples: the same subset of the training rows in both arms, drawn with --seed."""
+    run(tmp_path / "lm", "--total_steps", "10", "--n_layer", "3")
+    cfg = dataclasses.replace(TINY, init_from=str(tmp_path / "lm" / "ckpt.pt"))
+    lm = torch.load(tmp_path / "lm" / "ckpt.pt", weights_only=False)
+    (pre, tok, pre_cfg), (_, rand_tok, rand_cfg) = (gpt.load_pretrained(cfg, weights=w) for w in (True, False))
+    assert pre_cfg == rand_cfg and pre_cfg.n_layer == 3 and tok.state() == rand_tok.state() == lm["tokenizer"]
+    assert all(torch.equal(v, lm["model"][k]) for k, v in pre.state_dict().items())
+    torch.manual_seed(0)
+    fresh = gpt.build_model(rand_cfg).state_dict()
+    torch.manual_seed(0)
+    rand = gpt.load_pretrained(cfg, weights=False)[0].state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in rand.items())
+    assert not any(torch.equal(v, lm["model"][k]) for k, v in rand.items() if v.dim() == 2)
+    seen, encode = [], gpt.encode_classification
+    monkeypatch.setattr(gpt, "encode_classification", lambda rows, *a: seen.append(rows) or encode(rows, *a))
+    args = ["finetune", "--preset", "tiny", "--finetune_data", "builtin", "--dtype", "float32", "--init_from",
+            cfg.init_from, "--finetune_examples", "100", "--eval_interval", "1000"]
+    outs = [gpt.main(args + ["--out_dir", str(tmp_path / arm), *more]) for arm, more in (
+        ("pre", []), ("rand", ["--finetune_random_init"]), ("seed", ["--seed", "1"]))]
+    assert [o["examples"] for o in outs] == [100] * 3 and [o["step"] for o in outs] == [100 // 8] * 3
+    assert seen[0] == seen[2] and len(seen[0]) == 100 and seen[4] != seen[0]  # train rows: the seed draws them
+    assert "from RANDOM INIT: 100 train / 400 dev examples" in capsys.readouterr().out
+
+
+def test_a_classification_folder_pretrains_on_its_training_sentences_only(tmp_path):
+    """SST-2 as unlabelled text (the main job's): train.tsv's sentences, a line each, never its labels nor dev.tsv."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"a fine film {i} \t1\n" for i in range(50)))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nthe dev sentence \t0\n")
+    name, train, valid = gpt.load_unlabelled_text(str(tmp_path))
+    assert train.split("\n") == [f"a fine film {i}" for i in range(45)] and valid == "a fine film 45\na fine film 46" \
+        "\na fine film 47\na fine film 48\na fine film 49" and name == tmp_path.name
+    assert gpt.load_unlabelled_text("builtin") == gpt.load_lm_text("builtin")
+
+
 def test_character_level_checkpoints_fine_tune_too(tmp_path):
     """Characters are bytes with GPT's special tokens, so a character-level LM can be fine-tuned as well."""
     run(tmp_path / "lm", "--tokenizer", "char", "--total_steps", "5")
@@ -445,14 +481,26 @@ def test_bad_inputs_for_the_later_stages(tmp_path, capsys):
 
 
 def test_main_job_runs_as_a_script(tmp_path):
-    """One real subprocess: the default main job on the built-in data, end to end, and --help."""
+    """One real subprocess: the main job on the built-in data, end to end: pretraining, samples from its best
+    checkpoint, fine-tuning from it and from random init on the same seeded labels, and the claim line."""
     env = {**os.environ, "NLP_LINEAGE_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, str(ROOT / "gpt.py"), "--preset", "tiny", "--data", "builtin",
-                        "--out_dir", str(tmp_path / "out"), "--max_new_tokens", "10"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "gpt.py"), "--preset", "tiny", "--data", "builtin", "--finetune_data",
+                        "builtin", "--finetune_examples", "200", "--max_new_tokens", "10", "--out_dir",
+                        str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "step 40/40 | val loss" in r.stdout and r.stdout.rstrip().endswith("-" * 60)
-    assert (tmp_path / "out" / "pretrain" / "ckpt.pt").exists()
+    assert "step 40/40 | val loss" in r.stdout and "-" * 60 + "\n" in r.stdout and "from RANDOM INIT" in r.stdout
+    claim = r.stdout.rstrip().split("\n")[-1]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["split"] == "claim" and records[0]["metric"] == "dev accuracy"
+    rec = records[0]
+    assert rec["task"] == "builtin-synthetic" and "random init" in rec["differs"] and "200 labels" in rec["differs"]
+    assert claim == f"claim: builtin-synthetic dev accuracy {rec['with']:.1f} vs {rec['without']:.1f} ({rec['differs']})"
+    assert all(0 <= rec[k] <= 100 for k in ("with", "without"))
+    arms = {arm: torch.load(tmp_path / "out" / arm / "ckpt.pt", weights_only=False) for arm in ("finetune", "scratch")}
+    assert [(c["config"]["finetune_random_init"], c["config"]["finetune_examples"], c["step"]) for c in arms.values()
+            ] == [(False, 200, 200 // 8), (True, 200, 200 // 8)]  # one epoch of batch 8 each
+    assert all(c["config"]["init_from"].endswith("best.pt") for c in arms.values())
+    assert (tmp_path / "out" / "pretrain" / "best.pt").exists()
 
 
 def test_bfloat16_autocast_trains(tmp_path):
@@ -484,3 +532,6 @@ def test_named_datasets_from_their_pinned_bytes(tmp_path, monkeypatch, shared_da
     assert val.startswith(" \n = Homarus gammarus = \n")
     name, train_rows, dev_rows = gpt.load_classification("sst2", 0)
     assert len(train_rows) == 67349 and len(dev_rows) == 872
+    name, train, val = gpt.load_unlabelled_text("sst2")  # the main job's pretraining text: no label, no dev sentence
+    assert name == "sst2" and len((train + "\n" + val).split("\n")) == 67349 and "\t" not in train + val
+    assert train.startswith("hide new secretions from the parental units\n") and dev_rows[0][1].strip() not in train
