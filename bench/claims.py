@@ -184,7 +184,8 @@ def compare(name: str, recipe: Recipe, args) -> dict:
     claim = claim_of(run_dir / "main")
     row = {"script": f"{name}.py", "figure": recipe.figure, "metric": claim["metric"], "with": claim["with"],
            "without": claim["without"], "gaps": [claim["with"] - claim["without"]], "lrs": "",
-           "command": f"python bench/claims.py --only {name} --minutes {args.minutes:g} --seeds {args.seeds}"}
+           "command": f"python bench/claims.py --only {name} --minutes {args.minutes:g}" +
+                      (f" --seeds {args.seeds}" if recipe.arms else "")}
     if recipe.arms and recipe.lrs:
         results = {}
         for arm, make in recipe.arms.items():
