@@ -18,7 +18,7 @@ What this file reproduces
 
 Run it (`--help` lists every field by stage: `pretrain` reads the plain ones, `finetune` the finetune_* ones)
   python bert.py   # main job: pretrain, fine-tune on SST-2 from it and (the baseline) from random init: a claim
-  python bert.py pretrain --data wikitext2 --out_dir out/wt2   # or sst2, A+B (both), builtin, a text file or folder
+  python bert.py pretrain --data wikitext2 --out_dir out/wt2   # or sst2, builtin, a text file or folder
   python bert.py finetune --init_from out/wt2/ckpt.pt --finetune_data sst2 --out_dir out/sst2   # or hf:DIR
   torchrun --nproc_per_node=2 bert.py ...          # data parallel (any stage, or the main job)
 
@@ -65,7 +65,7 @@ class Config:
     vocab_size: int = 30522  # embedding rows; 0: the tokenizer's size
     dropout: float = 0.1  # embeddings, attention probabilities, residual branches, the classifier (appendix A.2)
     # pretraining data and tokenizer (section 3.1; create_pretraining_data.py's flags)
-    data: str = "wikitext2"  # wikitext2, sst2 (its training sentences), A+B (both), builtin, a text file or folder
+    data: str = "wikitext2"  # wikitext2, sst2 (its training sentences), builtin, a text file or folder
     lower_case: bool = True  # uncased: lower-case and strip accents (say --no-lower_case for a cased hf:DIR)
     wordpiece_vocab_size: int = 30522  # the 5 special tokens, the text's characters, then merges
     max_seq_length: int = 128
@@ -321,10 +321,7 @@ def documents(text: str) -> list[list[str]]:
 def load_documents(data: str) -> tuple[str, list, list]:
     """(name, train, validation documents): a named dataset's or a folder's train.txt and valid.txt, the training
     sentences of sst2 (or a folder's train.tsv) 8 a document, the last 1% held out, the last 10% of the documents of a
-    file (a folder's files), or builtin (offline): the Python documentation's topics, 8 held out; A+B: both."""
-    if "+" in data:  # several corpora: their documents together (a name that falls back to builtin, once)
-        parts = {p[0]: p for p in map(load_documents, data.split("+"))}.values()
-        return "+".join(p[0] for p in parts), [d for p in parts for d in p[1]], [d for p in parts for d in p[2]]
+    file (a folder's files), or builtin (offline): the Python documentation's topics, 8 held out."""
     if data in DATASETS:
         data = str(download(data, "the built-in corpus (Python documentation)") or "builtin")
     if data == "builtin":

@@ -460,8 +460,6 @@ def test_load_documents_layouts(tmp_path):
     name, train, val = bert.load_documents(str(tmp_path / "cls"))
     assert name == "cls" and len(train) == 36 and len(val) == 2 and train[0] == [f"line {i} " for i in range(8)]
     assert val[-1] == [f"line {i} " for i in range(296, 300)]
-    name, both, _ = bert.load_documents(f"{tmp_path / 'cls'}+{tmp_path / 'wiki.txt'}+builtin+builtin")
-    assert name == "cls+wiki.txt+builtin" and both[:36] == train and len(both) == 36 + 2 + 71  # builtin once
 
 
 # ---------------------------------------------------------------------------------------------------
