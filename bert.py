@@ -204,7 +204,8 @@ class BertClassifier(nn.Module):
     def __init__(self, bert: Bert, n_classes: int, dropout: float):
         super().__init__()
         self.bert, self.drop, self.head = bert, nn.Dropout(dropout), nn.Linear(bert.cfg.d_model, n_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02, a=-0.04, b=0.04), nn.init.zeros_(self.head.bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.zeros_(self.head.bias)
     def forward(self, batch: dict) -> torch.Tensor:  # logits (B, n_classes)
         return self.head(self.drop(self.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])[1]))
 
@@ -255,7 +256,8 @@ class WordPiece:
                 where[p].add(i)
                 if new in p:
                     heapq.heappush(heap, (-pair_count[p], p))
-        [count(i, 1) for i in range(len(seqs))]
+        for i in range(len(seqs)):
+            count(i, 1)
         heap = sorted((-c, p) for p, c in pair_count.items())  # a sorted list is a heap
         while len(vocab) < vocab_size and heap:
             neg, pair = heapq.heappop(heap)
@@ -265,7 +267,8 @@ class WordPiece:
                 continue
             merged = vocab[pair[0]] + vocab[pair[1]][2:]  # (a, ##b) -> ab; (##a, ##b) -> ##ab
             if merged not in id_of:  # two pairs can spell one piece
-                id_of[merged], _ = len(vocab), vocab.append(merged)
+                id_of[merged] = len(vocab)
+                vocab.append(merged)
             for i in where.pop(pair):
                 count(i, -1)
                 s, j, seqs[i] = seqs[i], 0, []
