@@ -260,14 +260,17 @@ def main(argv=None) -> None:
     if not DATA.is_dir():
         p.error(f"{DATA} is not there; claims.py reads the real datasets from it")
     saved = Path(args.runs) / "rows.json"  # every comparison run so far: the table shows them all
-    rows = json.loads(saved.read_text()) if saved.is_file() else {}
+    rows = {}
     for name in names:
         row = compare(name, RECIPES[name], args)
+        # read again after each comparison: two claims.py runs side by side (--threads 1 each) share the file
+        rows = json.loads(saved.read_text()) if saved.is_file() else {}
         row["cpu_minutes"] = row["cpu_minutes"] if row["cpu_minutes"] is not None else \
             rows.get(name, {}).get("cpu_minutes")
         rows[name] = row
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(rows, indent=1))
+    rows = json.loads(saved.read_text()) if saved.is_file() else {}
     rows = [rows[n] for n in RECIPES if n in rows]
     print(table(rows))
     if args.results != "-":
