@@ -206,6 +206,16 @@ def compare(name: str, recipe: Recipe, args) -> dict:
     return row
 
 
+def save_row(saved: Path, name: str, row: dict) -> None:
+    """Put `row` into the rows saved so far, read just now: two claims.py runs side by side (--threads 1 each) share
+    the file. A row rebuilt with --from_runs keeps the CPU-minutes its run measured."""
+    rows = json.loads(saved.read_text()) if saved.is_file() else {}
+    if row["cpu_minutes"] is None:
+        row = dict(row, cpu_minutes=rows.get(name, {}).get("cpu_minutes"))
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({**rows, name: row}, indent=1))
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| script | the paper's figure | with | without | gap | gap per seed | lr (with / without) | "
              "CPU-minutes | command |", "|---|---|---:|---:|---:|---|---|---:|---|"]
@@ -260,16 +270,8 @@ def main(argv=None) -> None:
     if not DATA.is_dir():
         p.error(f"{DATA} is not there; claims.py reads the real datasets from it")
     saved = Path(args.runs) / "rows.json"  # every comparison run so far: the table shows them all
-    rows = {}
     for name in names:
-        row = compare(name, RECIPES[name], args)
-        # read again after each comparison: two claims.py runs side by side (--threads 1 each) share the file
-        rows = json.loads(saved.read_text()) if saved.is_file() else {}
-        row["cpu_minutes"] = row["cpu_minutes"] if row["cpu_minutes"] is not None else \
-            rows.get(name, {}).get("cpu_minutes")
-        rows[name] = row
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(rows, indent=1))
+        save_row(saved, name, compare(name, RECIPES[name], args))
     rows = json.loads(saved.read_text()) if saved.is_file() else {}
     rows = [rows[n] for n in RECIPES if n in rows]
     print(table(rows))

@@ -77,3 +77,16 @@ def test_the_claims_block_is_replaced_not_repeated():
     second = claims.replace_block(first + "\n## later section\n", claims.table([dict(row, **{"with": 71.0})]))
     assert second.count(claims.START) == 1 and "| 71.0 |" in second and "| 70.0 |" not in second
     assert second.startswith("# Results\n\nearlier text\n") and second.endswith("## later section\n")
+
+
+def test_a_saved_row_keeps_the_rows_another_run_wrote_meanwhile(tmp_path):
+    saved, row = tmp_path / "runs" / "rows.json", {"with": 70.0, "cpu_minutes": 31.0}
+    claims.save_row(saved, "gpt", row)
+    other = json.loads(saved.read_text())  # a second claims.py, side by side, adds its row
+    saved.write_text(json.dumps({**other, "taglm": {"with": 81.0, "cpu_minutes": 60.0}}))
+    claims.save_row(saved, "bert", {"with": 64.0, "cpu_minutes": None})  # rebuilt --from_runs: no CPU time of its own
+    rows = json.loads(saved.read_text())
+    assert sorted(rows) == ["bert", "gpt", "taglm"] and rows["taglm"]["with"] == 81.0
+    assert rows["bert"]["cpu_minutes"] is None
+    claims.save_row(saved, "gpt", {"with": 71.0, "cpu_minutes": None})  # rebuilt: keeps the measured minutes
+    assert json.loads(saved.read_text())["gpt"] == {"with": 71.0, "cpu_minutes": 31.0}
